@@ -1,0 +1,221 @@
+"""
+A Diffusion Transformer (DiT) conditioned on the noise level t, the step size d and a text feature y.
+
+Reads top-down like facebookresearch/DiT's models.py:
+embedders (t, d, text) -> DiTBlock (adaLN-Zero) -> FinalLayer -> DiT -> sin-cos pos-embed -> DiT_models registry.
+
+    python model.py            # shape smoke test: builds every preset, prints parameter counts
+
+Conventions (as in the paper and the official code): t = 0 is pure noise x0, t = 1 is data x1,
+the network predicts the velocity v = x1 - x0, and d is the size of the step the caller will take with it
+(d = 1/128 is the flow-matching level, d = 1 the one-step jump).
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x, shift, scale):
+    # x: (B, T, C), shift/scale: (B, C) -> broadcast over tokens
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# -----------------------------------------------------------------------------
+# Embedders: t, d and the text feature each become a vector of the model width; their sum is the condition c.
+
+class ScalarEmbedder(nn.Module):
+    """Embeds a scalar per row (t or log2(1/d)) with sinusoidal frequencies followed by an MLP."""
+
+    def __init__(self, hidden_size, scale, frequency_size=256):
+        super().__init__()
+        self.scale = scale  # maps the scalar's natural range onto the frequencies (DiT uses t in [0, 1000])
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, s):
+        # s: (B,) float -> (B, hidden)
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=s.device, dtype=torch.float32) / half)
+        args = (s.float() * self.scale)[:, None] * freqs[None]                  # (B, half)
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class TextEmbedder(nn.Module):
+    """Projects a frozen text feature to the model width; an all-zero row asks for the learned null embedding.
+
+    Zero rows mean "no caption": train.py zeroes 10% of the captions (caption dropout) and sample.py passes
+    zeros for the unconditional half of classifier-free guidance. Real text features are never exactly zero.
+    """
+
+    def __init__(self, feature_dim, hidden_size):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(feature_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.null = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, y):
+        # y: (B, D) -> (B, hidden)
+        is_null = (y == 0).all(dim=1, keepdim=True)                               # (B, 1)
+        return torch.where(is_null, self.null.to(y.dtype), self.proj(y))
+
+
+# -----------------------------------------------------------------------------
+# Transformer blocks
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        x = F.scaled_dot_product_attention(q, k, v)                                # fused kernel where available
+        return self.proj(x.transpose(1, 2).reshape(B, T, C))
+
+
+class DiTBlock(nn.Module):
+    """A transformer block whose LayerNorms are modulated by c (adaLN), with zero-initialised gates (adaLN-Zero)."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        hidden_mlp = int(hidden_size * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden_mlp), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden_mlp, hidden_size))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        # x: (B, T, C), c: (B, C)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm, then a linear map from each token back to its patch of pixels/latents."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class DiT(nn.Module):
+    def __init__(self, input_size=32, in_channels=4, feature_dim=512,
+                 hidden_size=768, depth=12, num_heads=12, patch_size=2, mlp_ratio=4.0):
+        super().__init__()
+        self.input_size, self.in_channels, self.feature_dim = input_size, in_channels, feature_dim
+        self.patch_size, self.num_heads = patch_size, num_heads
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.t_embedder = ScalarEmbedder(hidden_size, scale=1000.0)  # t in [0, 1]
+        self.d_embedder = ScalarEmbedder(hidden_size, scale=1.0)     # log2(1/d) in {0 ... 7}: one level per integer
+        self.y_embedder = TextEmbedder(feature_dim, hidden_size)
+        num_patches = (input_size // patch_size) ** 2
+        # fixed (not learned) sin-cos position embedding, as in DiT
+        pos = get_2d_sincos_pos_embed(hidden_size, input_size // patch_size)
+        self.register_buffer("pos_embed", torch.from_numpy(pos).float().unsqueeze(0), persistent=False)  # (1, T, C)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.initialize_weights()
+        assert num_patches == self.pos_embed.shape[1]
+
+    def initialize_weights(self):
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.apply(_basic_init)
+        w = self.x_embedder.weight.data  # initialise the patch embedding like a linear layer
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        for mlp in (self.t_embedder.mlp, self.d_embedder.mlp, self.y_embedder.proj):
+            nn.init.normal_(mlp[0].weight, std=0.02)
+            nn.init.normal_(mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity and the output starts at zero,
+        # so an untrained model predicts v = 0 (a stable start for the bootstrap teacher too).
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):
+        # x: (B, T, p*p*C) -> (B, C, H, W)
+        p, c = self.patch_size, self.in_channels
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, d, y):
+        """x: (B, C, H, W) x_t; t: (B,) in [0, 1]; d: (B,) step size in [1/128, 1]; y: (B, D), zero rows = null.
+        Returns the predicted velocity (B, C, H, W)."""
+        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed     # (B, T, C), T = (H/p)*(W/p)
+        c = self.t_embedder(t) + self.d_embedder(-torch.log2(d)) + self.y_embedder(y)  # (B, C)
+        for block in self.blocks:
+            x = block(x, c)                                                      # (B, T, C)
+        x = self.final_layer(x, c)                                               # (B, T, p*p*C_in)
+        return self.unpatchify(x)                                                # (B, C_in, H, W)
+
+
+# -----------------------------------------------------------------------------
+# Sine/cosine position embeddings (from MAE / DiT)
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """Returns (grid_size*grid_size, embed_dim): half the channels encode the row, half the column."""
+    grid_h, grid_w = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32),
+                                 indexing="ij")
+    return np.concatenate([get_1d_sincos_pos_embed(embed_dim // 2, grid_w.reshape(-1)),
+                           get_1d_sincos_pos_embed(embed_dim // 2, grid_h.reshape(-1))], axis=1)
+
+
+def get_1d_sincos_pos_embed(embed_dim, pos):
+    """pos: (M,) -> (M, embed_dim)"""
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    out = np.outer(pos, omega)                                                   # (M, D/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+# -----------------------------------------------------------------------------
+# Model sizes: DiT(**DiT_models[name], input_size=..., in_channels=..., feature_dim=...). DiT-B/2 is the paper's.
+# DiT-T (tiny) is ours: small enough to train in minutes on a laptop CPU.
+
+def _size(hidden_size, depth, num_heads, patch_size):
+    return dict(hidden_size=hidden_size, depth=depth, num_heads=num_heads, patch_size=patch_size)
+
+
+DiT_models = {
+    "DiT-XL/2": _size(1152, 28, 16, 2), "DiT-L/2": _size(1024, 24, 16, 2),
+    "DiT-B/2": _size(768, 12, 12, 2), "DiT-B/4": _size(768, 12, 12, 4),
+    "DiT-S/2": _size(384, 12, 6, 2), "DiT-S/4": _size(384, 12, 6, 4),
+    "DiT-T/2": _size(128, 4, 4, 2), "DiT-T/4": _size(128, 4, 4, 4),
+}
+
+
+if __name__ == "__main__":
+    for name, size in DiT_models.items():
+        model = DiT(**size, input_size=32, in_channels=4, feature_dim=512)
+        n = sum(p.numel() for p in model.parameters())
+        x = torch.randn(2, 4, 32, 32)
+        with torch.no_grad():
+            v = model(x, torch.rand(2), torch.tensor([1.0, 1 / 128]), torch.randn(2, 512))
+        print(f"{name:9s} {n / 1e6:7.1f}M params  x {tuple(x.shape)} -> v {tuple(v.shape)}")

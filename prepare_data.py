@@ -1,0 +1,376 @@
+"""
+Prepare a text-to-image data set as flat arrays that train.py can memory-map.
+
+The default data set, "toyfaces", is drawn procedurally: 32x32 cartoon faces whose
+attributes (man/woman, hair colour, glasses, smiling, beard) are named by captions.
+Because we drew them, a few pixel rules can read the attributes back from any image
+(read_attributes), which gives an offline quality metric for generated samples.
+
+    python prepare_data.py                                   # data/toyfaces, 20000 faces
+    python prepare_data.py --n 2000 --out data/toyfaces_small
+    python prepare_data.py --resolution 64 --out data/toyfaces64
+
+Written to --out (meta.json last, so a half-written directory never looks complete):
+    x1.npy              float16 (N, V, C, H, W) in [-1, 1], what the model sees (V views)
+    text_features.npy   float32 (K, D) text-encoder features, one row per caption
+    caption_image.npy   int64 (K,) index into x1 of the image each caption describes
+    captions.json       the K caption strings
+    attributes.npy      int8 (N, 5) man, hair, glasses, smiling, beard (toyfaces only)
+    clip/               a tiny random CLIP text encoder + tokenizer (toyfaces only)
+    meta.json           shapes, names and "text_encoder": a path as seen from the
+                        directory prepare_data.py ran in (the repo root), or a hub name
+
+# expected output of `python prepare_data.py` (about 15 s on 2 CPU cores):
+# wrote data/toyfaces: x1 (20000, 1, 3, 32, 32) float16 117.2 MiB, 80000 captions (276 distinct),
+# text_features (80000, 64) float32 19.5 MiB, text encoder data/toyfaces/clip
+"""
+import argparse
+import json
+import os
+import re
+
+import numpy as np
+
+ATTRIBUTES = ["man", "hair", "glasses", "smiling", "beard"]
+HAIR_COLOURS = ["black", "blond", "brown", "red"]
+
+# palettes (RGB 0..255), chosen so every pair of colours that can touch is far apart
+HAIR = np.array([[55, 50, 60], [235, 195, 80], [115, 65, 35], [200, 60, 35]], float)
+BACKGROUNDS = np.array([[120, 170, 220], [110, 190, 160], [170, 150, 210], [90, 110, 160], [150, 200, 210]], float)
+SKIN_LIGHT, SKIN_DARK = np.array([245, 212, 180.0]), np.array([180, 128, 96.0])
+DARK, RED, WHITE = np.array([15, 15, 20.0]), np.array([160, 20, 70.0]), np.array([250, 250, 250.0])
+
+# -----------------------------------------------------------------------------
+# drawing
+
+def sample_attributes(n, rng):
+    man = rng.random(n) < 0.5
+    hair = rng.integers(0, len(HAIR_COLOURS), n)
+    glasses, smiling = rng.random(n) < 0.5, rng.random(n) < 0.5
+    beard = man & (rng.random(n) < 0.4)  # only men have beards
+    return np.stack([man, hair, glasses, smiling, beard], 1).astype(np.int8)
+
+
+def face_coords(res, cx, cy, s):
+    """Pixel-centre coordinates in 'face units': 32-pixel units relative to the face
+    centre (cx, cy) and divided by the face scale s. Returns x, y of shape (B, res, res)."""
+    g = (np.arange(res) + 0.5) * 32 / res
+    x = (g[None, None, :] - cx[:, None, None]) / s[:, None, None]
+    y = (g[None, :, None] - cy[:, None, None]) / s[:, None, None]
+    return x, y
+
+
+def draw_faces(attrs, rng, res=32):
+    """Draw one face per attribute row; nuisance (position, scale, skin, background,
+    exact hair shade) is sampled from rng. Returns uint8 (N, res, res, 3)."""
+    n = len(attrs)
+    man, glasses, smiling, beard = (attrs[:, i].astype(bool) for i in (0, 2, 3, 4))
+    cx, cy = 16 + rng.uniform(-2, 2, n), 17 + rng.uniform(-2, 2, n)
+    s = rng.uniform(0.9, 1.1, n)
+    skin = SKIN_LIGHT + rng.random((n, 1)) * (SKIN_DARK - SKIN_LIGHT)
+    bg = BACKGROUNDS[rng.integers(0, len(BACKGROUNDS), n)] + rng.uniform(-15, 15, (n, 3))
+    haircol = HAIR[attrs[:, 1]] + rng.uniform(-8, 8, (n, 3))
+    out = np.empty((n, res, res, 3), np.uint8)
+    for i in range(0, n, 2048):  # chunks keep memory small at 64x64
+        j = slice(i, i + 2048)
+        x, y = face_coords(res, cx[j], cy[j], s[j])
+        m = lambda a: a[j, None, None]  # per-image flag -> broadcastable over pixels
+        img = np.broadcast_to(bg[j, None, None], (len(x), res, res, 3)).copy()
+
+        def paint(mask, colour):  # colour: one RGB, or one per image
+            img[:] = np.where(mask[..., None], colour[:, None, None] if colour.ndim == 2 else colour, img)
+
+        face = (x / 7.5) ** 2 + (y / 9.5) ** 2 < 1
+        hair_w = np.where(m(man), 8, 10.5)  # women's hair is wider ...
+        top = ((x / hair_w) ** 2 + ((y + 1) / 10.5) ** 2 < 1) & ((y < -4.5) | ~m(man))
+        long = ~m(man) & (np.abs(x) < 10.5) & (y > -1)  # ... and falls to the bottom edge
+        paint(top | long, haircol[j])
+        paint(face & (y >= -4.5), skin[j])
+        paint(face & (y > 2) & m(beard), haircol[j])  # the beard covers the lower face
+        ex, ey = np.abs(np.abs(x) - 3.2), np.abs(y + 1)  # distance to the nearest eye
+        paint((ex < 1.2) & (ey < 1), DARK)
+        ring = (ex < 3.2) & (ey < 2.6) & ~((ex < 2) & (ey < 1.5))  # the two rings touch: a bridge
+        paint(ring & m(glasses), DARK)
+        grin = ((x / 4) ** 2 + ((y - 3.5) / 3) ** 2 < 1) & (y > 3.5)  # open mouth, lower half ellipse
+        paint(grin & m(smiling), RED)
+        paint(grin & (y < 4.9) & m(smiling), WHITE)  # teeth
+        paint((np.abs(x) < 2.5) & (np.abs(y - 4.5) < 0.6) & ~m(smiling), RED)  # neutral line
+        out[j] = np.clip(img, 0, 255).round().astype(np.uint8)
+    return out
+
+
+def make_faces(n, seed=0, resolution=32):
+    """n random faces: (uint8 (n, H, W, 3), attributes int8 (n, 5)). Deterministic in seed."""
+    rng = np.random.default_rng(seed)
+    attrs = sample_attributes(n, rng)
+    return draw_faces(attrs, rng, resolution), attrs
+
+# -----------------------------------------------------------------------------
+# reading faces back: deterministic pixel rules, the offline quality metric
+
+# pixel labels: 0..3 are the hair colours, then background, dark, red, white, skin, none
+BG, LDARK, LRED, LWHITE, SKIN, NONE = 4, 5, 6, 7, 8, 9
+
+
+def label_pixels(img, bg, tol=50.0):
+    """Give each pixel the label of the nearest palette colour within tol, else NONE. The
+    palette is the fixed colours plus this image's background and skin tone. Blurry or
+    noisy images have many NONE pixels."""
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    looks_skin = (r > 150) & (r - g > 15) & (r - g < 80) & (g - b > 10) & (g - b < 60)
+    skin = np.full((len(img), 3), -1e3)  # no skin found: a colour no pixel is near
+    for i in np.flatnonzero(looks_skin.any((1, 2))):
+        skin[i] = np.median(img[i][looks_skin[i]], 0)
+    pal = np.concatenate([np.broadcast_to(HAIR, (len(img), 4, 3)), bg[:, None],  # label order
+                          np.broadcast_to([DARK, RED, WHITE], (len(img), 3, 3)), skin[:, None]], 1)
+    d = np.linalg.norm(img[:, :, :, None] - pal[:, None, None], axis=-1)  # (B, H, W, 9)
+    return np.where(d.min(-1) < tol, d.argmin(-1), NONE)
+
+
+def read_attributes(images):
+    """images uint8 (B, H, W, 3) or (B, 3, H, W) -> list of {attribute: int} dicts, or None
+    where the image is not a clean, sharp face. Areas below are in 32x32-pixel units."""
+    img = np.asarray(images).astype(np.float64)
+    if img.shape[1] == 3 and img.shape[-1] != 3:
+        img = img.transpose(0, 2, 3, 1)
+    B, res = len(img), img.shape[1]
+    k = max(1, res // 16)  # border width: 2 pixels at 32x32
+    # 1. a flat background along the top and both sides
+    border = np.concatenate([img[:, :k].reshape(B, -1, 3), img[:, :, :k].reshape(B, -1, 3),
+                             img[:, :, -k:].reshape(B, -1, 3)], 1)
+    bg = np.median(border, 1)
+    flat = (np.linalg.norm(border - bg[:, None], axis=-1) < 40).mean(1) > 0.9
+    # 2. (almost) every pixel explained by the palette: rejects noise and most blur
+    lab = label_pixels(img, bg)
+    sharp = (lab == NONE).mean((1, 2)) < 0.04
+    area = lambda mask: mask.sum((1, 2)) * (32 / res) ** 2
+    count = lambda region, *labels: area(region & np.isin(lab, labels))
+    # 3. locate the face. The drawing is symmetric about x = cx, so take cx from the whole
+    #    figure; the scale s from the widest skin row (15 units); cy from the eyes and
+    #    glasses, which are symmetric about y = -1 (face units, see draw_faces)
+    sk, dk, fig = lab == SKIN, lab == LDARK, (lab != BG) & (lab != NONE)
+    g = (np.arange(res) + 0.5) * 32 / res
+    cx = (fig * g).sum((1, 2)) / np.maximum(fig.sum((1, 2)), 1)
+    left = np.where(sk.any(2), sk.argmax(2), res)
+    right = np.where(sk.any(2), res - 1 - sk[:, :, ::-1].argmax(2), -1)
+    s = np.maximum((right - left + 1).max(1) * 32 / res / 15, 0.5)
+    cy = (dk * g[:, None]).sum((1, 2)) / np.maximum(dk.sum((1, 2)), 1) + s
+    x, y = face_coords(res, cx, cy, s)
+    # 4. read each attribute from its own region
+    eyes = (np.abs(y + 1) < 3.6) & (np.abs(x) < 7.5)
+    n_dark = count(eyes, LDARK)
+    glasses = n_dark >= 24 * s ** 2  # two eyes alone are ~10 units, with frames ~50
+    mouth = (np.abs(x) < 5) & (y > 2.5) & (y < 7.5)
+    smiling = count(mouth, LWHITE) >= 4 * s ** 2  # teeth
+    chin = (np.abs(x) < 4.5) & (y > 2.5) & (y < 6.5)
+    beard = count(chin, 0, 1, 2, 3) > count(chin, SKIN)
+    scalp = (np.abs(x) < 5) & (y > -11) & (y < -5)
+    hair_area = np.stack([count(scalp, h) for h in range(4)], 1)
+    hair = hair_area.argmax(1)
+    sides = [(x * sign > 8.2) & (x * sign < 9.6) & (y > 2) & (y < 8) for sign in (-1, 1)]
+    side_hair = np.stack([count(r, 0, 1, 2, 3) / np.maximum(area(r), 1e-9) for r in sides], 1)
+    side_bg = np.stack([count(r, BG) / np.maximum(area(r), 1e-9) for r in sides], 1)
+    man, woman = (side_bg > 0.5).all(1), (side_hair > 0.5).all(1)  # long hair down both sides
+    # 5. is it a face at all? All parts present, in proportion, sharp and symmetric
+    inner = (np.abs(y + 1) < 2.4) & (np.abs(x) < 6.5)
+    parts = ((count(eyes & (x < 0), LDARK) >= 2) & (count(eyes & (x > 0), LDARK) >= 2)  # two eyes
+             & (n_dark < 90 * s ** 2) & (area(dk) - n_dark <= 2 * s ** 2)  # no dark outside the eyes
+             & (count(inner, SKIN, LDARK) >= 0.97 * area(inner))  # the eye band is only skin and dark
+             & (count(mouth, LRED) >= 2) & (hair_area.max(1) > 0.6 * area(scalp))
+             & (area(sk) >= 12) & (s > 0.8) & (s < 1.2) & (man | woman))
+    # mirror the labels about cx; the mirrored pixel centre falls between two columns
+    col = np.floor((2 * cx[:, None] - g) * res / 32 - 0.5).astype(int)
+    flip = lambda c: np.take_along_axis(lab, np.broadcast_to(np.clip(c, 0, res - 1)[:, None], lab.shape), 2)
+    mirrored = (lab == flip(col)) | (lab == flip(col + 1))
+    symmetric = (mirrored & fig).sum((1, 2)) > 0.9 * fig.sum((1, 2))
+    ok = flat & sharp & parts & symmetric
+    vals = np.stack([man, hair, glasses, smiling, beard], 1).astype(int)
+    return [dict(zip(ATTRIBUTES, map(int, v))) if o else None for v, o in zip(vals, ok)]
+
+
+PROMPT_WORDS = {"man": ("man", 1), "men": ("man", 1), "male": ("man", 1), "woman": ("man", 0),
+                "women": ("man", 0), "female": ("man", 0), "blonde": ("hair", 1), "glasses": ("glasses", 1),
+                "smiling": ("smiling", 1), "smile": ("smiling", 1), "beard": ("beard", 1), "bearded": ("beard", 1),
+                **{c: ("hair", k) for k, c in enumerate(HAIR_COLOURS)}}
+
+
+def parse_prompt(prompt):
+    """The attributes a free-text prompt names, e.g. 'a man with glasses' -> {'man': 1, 'glasses': 1}."""
+    return dict(PROMPT_WORDS[w] for w in re.findall(r"[a-z]+", prompt.lower()) if w in PROMPT_WORDS)
+
+
+def prompt_accuracy(images, prompt):
+    """Fraction of images that are faces and show every attribute the prompt names."""
+    want = parse_prompt(prompt)
+    read = read_attributes(images)
+    return float(np.mean([r is not None and all(r[k] == v for k, v in want.items()) for r in read]))
+
+# -----------------------------------------------------------------------------
+# captions
+
+def caption(a, rng, full=False):
+    """A true caption for attribute row a that names a random subset (or all) of its attributes."""
+    man, hair, glasses, smiling, beard = (int(v) for v in a)
+    say = lambda: full or rng.random() < 0.5
+    adjectives, extras = [], []
+    subject = ("man" if man else "woman") if say() else "person"
+    if smiling and say():
+        adjectives.append("smiling")
+    if say():
+        extras.append(f"{HAIR_COLOURS[hair]} hair")
+    if glasses and say():
+        extras.append("glasses")
+    if beard and say():
+        adjectives.append("bearded") if rng.random() < 0.5 else extras.append("a beard")
+    rng.shuffle(extras)
+    text = " ".join(["a"] + adjectives + [subject])
+    if extras:
+        text += " with " + (", ".join(extras[:-1]) + " and " if len(extras) > 1 else "") + extras[-1]
+    return text
+
+# -----------------------------------------------------------------------------
+# text encoder: a real transformers CLIP text model, loaded with from_pretrained
+
+def bpe_vocab(words):
+    """vocab + merges of a byte-level BPE where each given word is one token: every byte
+    (alone and word-final) is in the vocab, so any text still tokenizes, char by char."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    alphabet = sorted(ByteLevel.alphabet())  # the 256 printable stand-ins for bytes
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    merges, rank = [], {}
+    for w in words:
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:  # replay BPE; when it gets stuck add a merge (ranked last)
+            pairs = list(zip(parts, parts[1:]))
+            best = min(pairs, key=lambda p: rank.get(p, len(rank)))
+            if best not in rank:
+                best = pairs[0]
+                rank[best] = len(merges)
+                merges.append(best)
+                vocab.append(best[0] + best[1])
+            i = 0
+            while i < len(parts) - 1:  # merge every occurrence, like the real BPE
+                if (parts[i], parts[i + 1]) == best:
+                    parts[i:i + 2] = [parts[i] + parts[i + 1]]
+                i += 1
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(dict.fromkeys(vocab))}, merges
+
+
+def make_tiny_clip(path, words, seed=0):
+    """Save a small, seeded, randomly initialised CLIP text encoder + tokenizer to path."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    os.makedirs(path, exist_ok=True)
+    vocab, merges = bpe_vocab(words)
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok = CLIPTokenizer.from_pretrained(path, model_max_length=77)
+    tok.save_pretrained(path)
+    # pooler_output is the hidden state at the first eos token, so the ids must agree
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, projection_dim=64,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    CLIPTextModel(config).save_pretrained(path)
+
+
+def encode_text(captions, clip_path, device="cpu", batch_size=256):
+    """CLIP text features (pooler_output) for a list of strings: float32 (K, D)."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    try:  # local dir or HF cache first; the hub only when online: offline must fail fast
+        try:
+            tok = CLIPTokenizer.from_pretrained(clip_path, local_files_only=True)
+            model = CLIPTextModel.from_pretrained(clip_path, local_files_only=True)
+        except Exception:
+            if os.path.isdir(clip_path) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+                raise
+            tok = CLIPTokenizer.from_pretrained(clip_path)
+            model = CLIPTextModel.from_pretrained(clip_path)
+    except Exception:
+        raise SystemExit(f"error: cannot load CLIP text encoder '{clip_path}' (offline?): "
+                         "pass --clip /path/to/local/clip") from None
+    model = model.to(device).eval()
+    unique, inverse = np.unique(np.array(captions, dtype=object).astype(str), return_inverse=True)
+    feats = []
+    with torch.inference_mode():
+        for i in range(0, len(unique), batch_size):
+            batch = tok(list(unique[i:i + batch_size]), padding=True, truncation=True, max_length=77,
+                        return_tensors="pt")
+            feats.append(model(**batch.to(device)).pooler_output.float().cpu().numpy())
+    feats = np.concatenate(feats) if feats else np.zeros((0, model.config.hidden_size), np.float32)
+    return feats[inverse.reshape(-1)].astype(np.float32)
+
+# -----------------------------------------------------------------------------
+# writing
+
+def write_dataset(out, x1, captions, caption_image, text_features, meta, extra_arrays=()):
+    """Write the flat arrays, then meta.json last (its presence means 'complete')."""
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, "meta.json")):
+        os.remove(os.path.join(out, "meta.json"))
+    np.save(os.path.join(out, "x1.npy"), x1.astype(np.float16))
+    np.save(os.path.join(out, "text_features.npy"), text_features.astype(np.float32))
+    np.save(os.path.join(out, "caption_image.npy"), np.asarray(caption_image, np.int64))
+    for name, arr in extra_arrays:
+        np.save(os.path.join(out, name), arr)
+    with open(os.path.join(out, "captions.json"), "w") as f:
+        json.dump(list(captions), f)
+    N, V, C, H, W = x1.shape
+    meta = dict(meta, shape=[C, H, W], views=V, num_images=N, num_captions=len(captions),
+                feature_dim=int(text_features.shape[1]))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found: run `python prepare_data.py` first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def prepare_toyfaces(out, n=20000, seed=0, resolution=32, captions_per_image=4):
+    images, attrs = make_faces(n, seed, resolution)
+    x1 = (images.transpose(0, 3, 1, 2)[:, None] / 127.5 - 1).astype(np.float16)  # (N, V=1, C, H, W)
+    rng = np.random.default_rng([seed, 1])
+    captions = [caption(a, rng, full=(k == 0)) for a in attrs for k in range(captions_per_image)]
+    caption_image = np.repeat(np.arange(n), captions_per_image)
+    clip_path = os.path.join(out, "clip")
+    # every caption word and prompt word parse_prompt knows becomes a single token
+    words = sorted({w for c in captions for w in re.findall(r"[a-z]+", c)} | set(PROMPT_WORDS))
+    make_tiny_clip(clip_path, words, seed)
+    feats = encode_text(captions, clip_path)
+    meta = dict(dataset="toyfaces", vae="none", latent_scale=1.0, text_encoder=clip_path,
+                attributes=ATTRIBUTES, hair_colours=HAIR_COLOURS, seed=seed, resolution=resolution)
+    return write_dataset(out, x1, captions, caption_image, feats, meta, [("attributes.npy", attrs)])
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="toyfaces", choices=["toyfaces"])
+    p.add_argument("--out", default=None, help="output directory (default data/<dataset>)")
+    p.add_argument("--n", type=int, default=20000, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=32)
+    args = p.parse_args()
+    out = args.out or os.path.join("data", args.dataset)
+    meta = prepare_toyfaces(out, args.n, args.seed, args.resolution)
+    mib = lambda name: os.path.getsize(os.path.join(out, name)) / 2 ** 20
+    N, V, (C, H, W) = meta["num_images"], meta["views"], meta["shape"]
+    K = meta["num_captions"]
+    with open(os.path.join(out, "captions.json")) as f:
+        distinct = len(set(json.load(f)))
+    print(f"wrote {out}: x1 ({N}, {V}, {C}, {H}, {W}) float16 {mib('x1.npy'):.1f} MiB, "
+          f"{K} captions ({distinct} distinct),\n"
+          f"text_features ({K}, {meta['feature_dim']}) float32 {mib('text_features.npy'):.1f} MiB, "
+          f"text encoder {meta['text_encoder']}")

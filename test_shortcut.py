@@ -1,0 +1,183 @@
+"""
+Tests of the shortcut objective, the model, the sampler and the scripts end to end. CPU only, no downloads.
+
+    python -m pytest -q
+"""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import DiT, DiT_models
+from sample import sample
+from train import shortcut_targets
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def known_teacher(calls):
+    """A fixed nonlinear function of every input, so the bootstrap target can be recomputed by hand."""
+    def teacher(x, t, d, y):
+        calls.append((x.clone(), t.clone(), d.clone()))
+        return torch.sin(x) + (t + 3 * d).view(-1, 1, 1, 1) + y.mean(dim=1).view(-1, 1, 1, 1)
+    return teacher
+
+
+def test_targets_flow_rows_exact_and_bootstrap_rows_are_two_half_steps():
+    torch.manual_seed(0)
+    B = 64
+    x1, y = torch.randn(B, 3, 8, 8), torch.randn(B, 5)
+    calls = []
+    torch.manual_seed(1)
+    x_t, t, d, y_out, v_target = shortcut_targets(known_teacher(calls), x1, y, bootstrap_every=8)
+    torch.manual_seed(1)
+    x0 = torch.randn_like(x1)  # the same draw as step 1 of shortcut_targets
+    t_ = t.view(-1, 1, 1, 1)
+    assert torch.allclose(x_t, (1 - (1 - 1e-5) * t_) * x0 + t_ * x1, atol=1e-6)
+    assert torch.equal(y_out, y)
+
+    n_boot = B // 8
+    # flow rows: d = 1/128, t on the 128 grid, the exact straight-path velocity
+    assert torch.all(d[n_boot:] == 1 / 128)
+    assert torch.allclose(t[n_boot:] * 128, (t[n_boot:] * 128).round())
+    assert torch.allclose(v_target[n_boot:], x1[n_boot:] - (1 - 1e-5) * x0[n_boot:], atol=1e-6)
+
+    # bootstrap rows: d in {1 ... 1/64}, t a multiple of d, t + d <= 1, and all 7 levels present
+    db, tb = d[:n_boot], t[:n_boot]
+    levels = -torch.log2(db)
+    assert torch.allclose(levels, levels.round()) and levels.min() >= 0 and levels.max() <= 6
+    assert set(levels.round().int().tolist()) == set(range(7))
+    assert torch.allclose(tb / db, (tb / db).round()) and torch.all(tb + db <= 1)
+
+    # two teacher calls at d/2, the second from the midpoint, averaged
+    assert len(calls) == 2
+    half = (db / 2).view(-1, 1, 1, 1)
+    teacher = known_teacher([])
+    v1 = teacher(x_t[:n_boot], tb, db / 2, y[:n_boot])
+    x_mid = (x_t[:n_boot] + half * v1).clamp(-4, 4)
+    v2 = teacher(x_mid, tb + db / 2, db / 2, y[:n_boot])
+    assert torch.allclose(calls[1][1], tb + db / 2) and torch.allclose(calls[1][2], db / 2)
+    assert torch.allclose(v_target[:n_boot], ((v1 + v2) / 2).clamp(-4, 4), atol=1e-6)
+
+
+def test_targets_every_level_gets_rows_in_small_batches():
+    torch.manual_seed(0)
+    counts = torch.zeros(7)
+    for _ in range(700):
+        _, _, d, _, _ = shortcut_targets(known_teacher([]), torch.randn(16, 3, 4, 4), torch.randn(16, 5))
+        assert (d > 1 / 128).sum() == 2  # 16 / 8 bootstrap rows
+        for level in (-torch.log2(d[d > 1 / 128])).round().int():
+            counts[level] += 1
+    assert counts.min() > 0.75 * counts.mean()  # the official schedule would give levels 2 ... 6 no rows at B = 16
+
+
+def test_targets_flow_matching_baseline_and_no_grad():
+    x_t, t, d, y, v_target = shortcut_targets(known_teacher([]), torch.randn(8, 3, 4, 4), torch.randn(8, 5),
+                                              bootstrap_every=0)
+    assert torch.all(d == 1 / 128)
+    model = DiT(**DiT_models["DiT-T/4"], input_size=8, in_channels=3, feature_dim=5)
+    for p in model.parameters():  # non-zero output so the teacher's graph would matter
+        torch.nn.init.normal_(p, std=0.05)
+    *_, v_target = shortcut_targets(model, torch.randn(16, 3, 8, 8), torch.randn(16, 5))
+    assert not v_target.requires_grad
+
+
+def test_model_shapes_zero_init_and_null_caption():
+    model = DiT(**DiT_models["DiT-T/4"], input_size=16, in_channels=3, feature_dim=7)
+    x, t, d, y = torch.randn(4, 3, 16, 16), torch.rand(4), torch.tensor([1, 0.5, 1 / 64, 1 / 128]), torch.randn(4, 7)
+    v = model(x, t, d, y)
+    assert v.shape == x.shape
+    assert torch.all(v == 0)  # adaLN-Zero: an untrained model predicts zero velocity
+    # zero rows select the learned null embedding, others go through the projection
+    emb = model.y_embedder
+    torch.nn.init.normal_(emb.null)
+    y[1] = 0
+    out = emb(y)
+    assert torch.equal(out[1], emb.null) and not torch.allclose(out[0], emb.null)
+
+
+def test_dit_b2_parameter_count():
+    model = DiT(**DiT_models["DiT-B/2"], input_size=32, in_channels=4, feature_dim=512)
+    n = sum(p.numel() for p in model.parameters())
+    assert 128e6 < n < 133e6, n  # the paper's ~130M
+
+
+@pytest.mark.parametrize("steps", [1, 4, 128])
+def test_sampler_calls_model_steps_times_with_right_t_and_d(steps):
+    calls = []
+
+    def model(x, t, d, y):
+        calls.append((t.clone(), d.clone(), x.shape[0]))
+        return torch.ones_like(x)
+
+    noise = torch.zeros(3, 2, 4, 4)
+    x = sample(model, noise, torch.randn(3, 5), steps)
+    assert len(calls) == steps
+    for i, (t, d, b) in enumerate(calls):
+        assert b == 3 and torch.allclose(t, torch.full((3,), i / steps)) and torch.allclose(d, torch.full((3,), 1 / steps))
+    assert torch.allclose(x, torch.ones_like(x))  # steps x (1/steps) x velocity 1
+
+    calls.clear()
+    sample(model, noise, torch.randn(3, 5), steps, cfg_scale=2.0)  # guidance: same number of calls, twice the batch
+    assert len(calls) == steps and calls[0][2] == 6
+
+
+# ---------------------------------------------------------------------------- scripts end to end
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """prepare a small toyfaces set -> train a tiny model for a few steps. Shared by the tests below."""
+    root = tmp_path_factory.mktemp("run")
+    r = run(os.path.join(HERE, "prepare_data.py"), "--n", "512", "--out", "data", cwd=root)
+    assert r.returncode == 0, r.stderr
+    r = run(os.path.join(HERE, "train.py"), "--data-dir", "data", "--out", "out", "--model", "DiT-T/4", "--batch", "32",
+            "--lr", "1e-3", "--max-steps", "120", "--log-every", "10", "--sample-every", "60", cwd=root)
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+def test_train_loss_falls_and_writes_grid_and_checkpoint(trained):
+    with open(trained / "out" / "log.csv") as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:2]) / 2
+    assert (trained / "out" / "grid_000060.png").exists() and (trained / "out" / "grid_000120.png").exists()
+    ckpt = torch.load(trained / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 120 and {"model", "ema", "optimizer", "args", "meta", "text_encoder"} <= set(ckpt)
+
+
+def test_sample_cli_writes_png(trained):
+    r = run(os.path.join(HERE, "sample.py"), "--ckpt", "out/ckpt.pt", "--prompt", "a man with glasses", "a woman",
+            "--steps", "1", "2", "--n", "3", "--out", "samples", cwd=trained)
+    assert r.returncode == 0, r.stderr
+    path = r.stdout.split("wrote ")[1].split()[0]
+    from PIL import Image
+    w, h = Image.open(trained / path).size
+    assert (w, h) == (1 + 2 * 33, 1 + 6 * 33)  # 2 columns of steps, 2 prompts x 3 seeds rows, 32 px + padding
+    assert "attribute reader agrees on" in r.stdout
+
+
+@pytest.mark.parametrize("bad", [["--steps", "3"], ["--steps", "0"], ["--steps", "-1"], ["--steps", "256"],
+                                 ["--steps", "x"], ["--prompt", ""], ["--prompt", "  "], ["--ckpt", "missing.pt"],
+                                 ["--n", "0"]])
+def test_sample_cli_bad_inputs_give_one_clear_line(trained, bad):
+    r = run(os.path.join(HERE, "sample.py"), "--ckpt", "out/ckpt.pt", *bad, cwd=trained)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: ")
+
+
+def test_sample_cli_corrupt_checkpoint(trained):
+    data = (trained / "out" / "ckpt.pt").read_bytes()
+    (trained / "broken.pt").write_bytes(data[: len(data) // 2])
+    r = run(os.path.join(HERE, "sample.py"), "--ckpt", "broken.pt", cwd=trained)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "cannot load checkpoint" in r.stderr
