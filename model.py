@@ -28,7 +28,7 @@ def modulate(x, shift, scale):
 # Embedders: t, d and the text feature each become a vector of the model width; their sum is the condition c.
 
 class ScalarEmbedder(nn.Module):
-    """Embeds a scalar per row (t or log2(1/d)) with sinusoidal frequencies followed by an MLP."""
+    """Embeds a scalar per row (t or d) with sinusoidal frequencies followed by an MLP."""
 
     def __init__(self, hidden_size, scale, frequency_size=256):
         super().__init__()
@@ -126,7 +126,7 @@ class DiT(nn.Module):
         self.patch_size, self.num_heads = patch_size, num_heads
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = ScalarEmbedder(hidden_size, scale=1000.0)  # t in [0, 1]
-        self.d_embedder = ScalarEmbedder(hidden_size, scale=1.0)     # log2(1/d) in {0 ... 7}: one level per integer
+        self.d_embedder = ScalarEmbedder(hidden_size, scale=1000.0)  # d in [1/128, 1], embedded like t
         self.y_embedder = TextEmbedder(feature_dim, hidden_size)
         num_patches = (input_size // patch_size) ** 2
         # fixed (not learned) sin-cos position embedding, as in DiT
@@ -170,7 +170,7 @@ class DiT(nn.Module):
         """x: (B, C, H, W) x_t; t: (B,) in [0, 1]; d: (B,) step size in [1/128, 1]; y: (B, D), zero rows = null.
         Returns the predicted velocity (B, C, H, W)."""
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed     # (B, T, C), T = (H/p)*(W/p)
-        c = self.t_embedder(t) + self.d_embedder(-torch.log2(d)) + self.y_embedder(y)  # (B, C)
+        c = self.t_embedder(t) + self.d_embedder(d) + self.y_embedder(y)       # (B, C)
         for block in self.blocks:
             x = block(x, c)                                                      # (B, T, C)
         x = self.final_layer(x, c)                                               # (B, T, p*p*C_in)

@@ -17,8 +17,8 @@ Written to --out (meta.json last, so a half-written directory never looks comple
     captions.json       the K caption strings
     attributes.npy      int8 (N, 5) man, hair, glasses, smiling, beard (toyfaces only)
     clip/               a tiny random CLIP text encoder + tokenizer (toyfaces only)
-    meta.json           shapes, names and "text_encoder": a path as seen from the
-                        directory prepare_data.py ran in (the repo root), or a hub name
+    meta.json           shapes, names and "text_encoder": a directory inside --out
+                        ("clip"; load_meta makes it an absolute path) or a hub name
 
 # expected output of `python prepare_data.py` (about 15 s on 2 CPU cores):
 # wrote data/toyfaces: x1 (20000, 1, 3, 32, 32) float16 117.2 MiB, 80000 captions (276 distinct),
@@ -199,11 +199,14 @@ def parse_prompt(prompt):
     return dict(PROMPT_WORDS[w] for w in re.findall(r"[a-z]+", prompt.lower()) if w in PROMPT_WORDS)
 
 
+def shows(read, prompt):
+    """Whether one reading of read_attributes is a face with every attribute the prompt names."""
+    return read is not None and all(read[k] == v for k, v in parse_prompt(prompt).items())
+
+
 def prompt_accuracy(images, prompt):
     """Fraction of images that are faces and show every attribute the prompt names."""
-    want = parse_prompt(prompt)
-    read = read_attributes(images)
-    return float(np.mean([r is not None and all(r[k] == v for k, v in want.items()) for r in read]))
+    return float(np.mean([shows(r, prompt) for r in read_attributes(images)]))
 
 # -----------------------------------------------------------------------------
 # captions
@@ -336,7 +339,11 @@ def load_meta(data_dir):
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} not found: run `python prepare_data.py` first")
     with open(path) as f:
-        return json.load(f)
+        meta = json.load(f)
+    local = os.path.join(data_dir, meta["text_encoder"])  # a text encoder shipped with the data
+    if os.path.isdir(local):
+        meta["text_encoder"] = os.path.abspath(local)
+    return meta
 
 
 def prepare_toyfaces(out, n=20000, seed=0, resolution=32, captions_per_image=4):
@@ -350,7 +357,7 @@ def prepare_toyfaces(out, n=20000, seed=0, resolution=32, captions_per_image=4):
     words = sorted({w for c in captions for w in re.findall(r"[a-z]+", c)} | set(PROMPT_WORDS))
     make_tiny_clip(clip_path, words, seed)
     feats = encode_text(captions, clip_path)
-    meta = dict(dataset="toyfaces", vae="none", latent_scale=1.0, text_encoder=clip_path,
+    meta = dict(dataset="toyfaces", vae="none", latent_scale=1.0, text_encoder="clip",
                 attributes=ATTRIBUTES, hair_colours=HAIR_COLOURS, seed=seed, resolution=resolution)
     return write_dataset(out, x1, captions, caption_image, feats, meta, [("attributes.npy", attrs)])
 
@@ -373,4 +380,4 @@ if __name__ == "__main__":
     print(f"wrote {out}: x1 ({N}, {V}, {C}, {H}, {W}) float16 {mib('x1.npy'):.1f} MiB, "
           f"{K} captions ({distinct} distinct),\n"
           f"text_features ({K}, {meta['feature_dim']}) float32 {mib('text_features.npy'):.1f} MiB, "
-          f"text encoder {meta['text_encoder']}")
+          f"text encoder {os.path.join(out, meta['text_encoder'])}")

@@ -11,6 +11,7 @@ it also prints how many samples the attribute reader finds showing every attribu
 
 import argparse
 import functools
+import math
 import os
 import sys
 
@@ -93,7 +94,8 @@ def power_of_two_steps(s):
     return int(s)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
+    """The command line; any bad value is one line on stderr and exit code 2."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt", nargs="+", default=["a man with glasses"])
     parser.add_argument("--steps", nargs="+", type=power_of_two_steps, default=[1], help="1, 2, 4 ... 128")
@@ -102,13 +104,23 @@ if __name__ == "__main__":
     parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--ckpt", default="out/ckpt.pt")
     parser.add_argument("--out", default="samples", help="directory for the PNG")
-    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
-    args = parser.parse_args()
+
+    def error(message):  # one line, no usage dump
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    parser.error = error
+    args = parser.parse_args(argv)
     if any(not p.strip() for p in args.prompt):
         parser.error("empty prompt: say what to draw, e.g. --prompt \"a man with glasses\"")
     if args.n < 1:
         parser.error(f"--n must be at least 1, got {args.n}")
+    if not math.isfinite(args.cfg):
+        parser.error(f"--cfg must be a finite number, got {args.cfg}")
+    return args
 
+
+if __name__ == "__main__":
+    args = parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, ckpt = load_checkpoint(args.ckpt, device)
     meta = ckpt["meta"]

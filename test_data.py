@@ -54,7 +54,7 @@ def test_layout(data):
     assert meta["num_images"] == N and meta["num_captions"] == K and meta["feature_dim"] == 64
     assert meta["vae"] == "none" and meta["latent_scale"] == 1.0 and meta["resolution"] == 32
     assert meta["attributes"] == pd.ATTRIBUTES and meta["hair_colours"] == pd.HAIR_COLOURS
-    assert meta["text_encoder"] == os.path.join(data, "clip") and os.path.isdir(meta["text_encoder"])
+    assert meta["text_encoder"] == os.path.abspath(os.path.join(data, "clip")) and os.path.isdir(meta["text_encoder"])
     # meta.json is written last
     mtimes = {f: os.path.getmtime(os.path.join(data, f)) for f in os.listdir(data) if f.endswith((".npy", ".json"))}
     assert mtimes["meta.json"] == max(mtimes.values())

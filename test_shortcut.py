@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model import DiT, DiT_models
-from sample import sample
+from sample import parse_args, sample
 from train import shortcut_targets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -167,9 +167,18 @@ def test_sample_cli_writes_png(trained):
 
 
 @pytest.mark.parametrize("bad", [["--steps", "3"], ["--steps", "0"], ["--steps", "-1"], ["--steps", "256"],
-                                 ["--steps", "x"], ["--prompt", ""], ["--prompt", "  "], ["--ckpt", "missing.pt"],
-                                 ["--n", "0"]])
-def test_sample_cli_bad_inputs_give_one_clear_line(trained, bad):
+                                 ["--steps", "x"], ["--steps", "1.5"], ["--prompt", ""], ["--prompt", "  "],
+                                 ["--n", "0"], ["--cfg", "nan"]])
+def test_sample_bad_arguments_are_one_clear_line(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(bad)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("bad", [["--steps", "x"], ["--ckpt", "missing.pt"]])
+def test_sample_cli_bad_inputs_exit_without_traceback(trained, bad):
     r = run(os.path.join(HERE, "sample.py"), "--ckpt", "out/ckpt.pt", *bad, cwd=trained)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

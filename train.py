@@ -91,6 +91,8 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="DiT-B/2", choices=list(DiT_models))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                        help="constant (the paper) or cosine decay to 0 at --max-steps (short runs)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--bootstrap-every", type=int, default=8, help="1/N of each batch is self-consistency; 0 = flow matching")
@@ -150,6 +152,9 @@ if __name__ == "__main__":
             break
 
         # --- one training step
+        if args.lr_schedule == "cosine":
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.max_steps))
         x1, y = get_batch()
         keep = (torch.rand(args.batch, 1, device=device) >= args.cfg_dropout).float()
         y = y * keep  # caption dropout: zero rows are the null caption (classifier-free guidance)

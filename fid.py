@@ -1,0 +1,338 @@
+"""
+FID (Frechet Inception Distance) of a trained shortcut model at several step counts, plus prompt accuracy on toyfaces.
+
+    python fid.py --ckpt out/ckpt.pt --steps 1 2 4 8 16 32 128 --n 10000
+    python fid.py --ckpt out/ckpt.pt --steps 1 4 128 --n 1000 --batch 100 --cfg 1.5 --seed 0
+    python fid.py --ckpt out/ckpt.pt --steps 1 128 --inception pt_inception-2015-12-05-6726825d.pth --out fid_out
+
+Samples --n images per step count with the EMA model, prompted by --n random captions of the training set, and
+compares their Inception statistics with those of --n dataset images (cached once in the data directory as
+fid_stats_<dataset>_<res>px_<n>.npz). Prints a steps x FID table, writes fid.csv and fid.png (drawn with Pillow,
+which torchvision already depends on) to --out. The Inception weights are pytorch-fid's port of the TF FID
+network: downloaded once into the torch hub cache, or given with --inception PATH when offline.
+On toyfaces the table also has prompt accuracy (the fraction of samples showing every attribute their caption
+names); if no Inception weights can be had there, FID is skipped with a one-line note and accuracy still printed.
+"""
+
+import argparse
+import os
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from torchvision.models import inception as tv_inception
+from tqdm import tqdm
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+
+# -----------------------------------------------------------------------------
+# The FID Inception network: torchvision's InceptionV3 with the four block types patched to match the TF graph
+# the FID paper used (as in mseitzer/pytorch-fid). Parameters are unchanged, so the state dict keys are too.
+
+
+def _tf_avg_pool(x):  # TF's average pool does not count the zero padding
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(tv_inception.InceptionA):
+    def forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_tf_avg_pool(x))], 1)
+
+
+class FIDInceptionC(tv_inception.InceptionC):
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = self.branch7x7dbl_2(self.branch7x7dbl_1(x))
+        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(bd)))
+        return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(_tf_avg_pool(x))], 1)
+
+
+class FIDInceptionE_1(tv_inception.InceptionE):
+    pool = staticmethod(_tf_avg_pool)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(self.pool(x))], 1)
+
+
+class FIDInceptionE_2(FIDInceptionE_1):
+    # The TF FID graph max-pools in its last block (an oddity of that model); copied so scores stay comparable.
+    pool = staticmethod(lambda x: F.max_pool2d(x, kernel_size=3, stride=1, padding=1))
+
+
+class FIDInceptionV3(tv_inception.Inception3):
+    """images (B, 3, H, W) float in [0, 1] -> pool3 features (B, 2048). Same keys as torchvision's inception_v3
+    (num_classes=1008, aux_logits=False), so pytorch-fid's weight file loads strictly."""
+
+    LAYERS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+              "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+              "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"]
+
+    def __init__(self):
+        super().__init__(num_classes=1008, aux_logits=False, init_weights=False)
+        self.Mixed_5b, self.Mixed_5c = FIDInceptionA(192, pool_features=32), FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        self.Mixed_6c, self.Mixed_6d = FIDInceptionC(768, channels_7x7=160), FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        self.Mixed_7b, self.Mixed_7c = FIDInceptionE_1(1280), FIDInceptionE_2(2048)
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # any input size works
+        x = 2 * x - 1  # [0, 1] -> [-1, 1], what the TF network was trained on
+        for name in self.LAYERS:  # stop at the 2048-d average pool: FID never uses the classifier
+            x = getattr(self, name)(x)
+        return x.flatten(1)
+
+
+def load_inception(path=None, device="cpu"):
+    """The FID Inception network in eval mode. path=None: pytorch-fid's weights from the torch hub cache,
+    downloading them there once; offline without the file -> SystemExit saying where to put it."""
+    model = FIDInceptionV3()
+    if path is None:
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(FID_WEIGHTS_URL))
+        if os.path.isfile(cached):
+            path = cached
+        else:
+            try:
+                state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", progress=True)
+            except Exception as e:  # no network, proxy, HTTP error ...
+                raise SystemExit(f"error: no Inception weights ({type(e).__name__}): put the file at {cached} "
+                                 f"or pass --inception PATH; download it from {FID_WEIGHTS_URL}")
+    if path is not None:
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: Inception weights {path} not found; download them from {FID_WEIGHTS_URL}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)  # strict: a wrong file fails loudly instead of giving meaningless FIDs
+    return model.eval().requires_grad_(False).to(device)
+
+
+# -----------------------------------------------------------------------------
+# Statistics and the Frechet distance between two Gaussians N(mu1, sigma1) and N(mu2, sigma2):
+#   d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))
+
+
+def compute_stats(features):
+    """features (N, D) -> (mu (D,), sigma (D, D)) in float64, sigma unbiased like np.cov / pytorch-fid."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+class RunningStats:
+    """compute_stats without keeping the features: accumulates N, sum and the sum of outer products."""
+
+    def __init__(self, dim=2048):
+        self.n, self.sum, self.outer = 0, np.zeros(dim), np.zeros((dim, dim))
+
+    def update(self, features):
+        f = np.asarray(features, dtype=np.float64)
+        self.n, self.sum, self.outer = self.n + len(f), self.sum + f.sum(0), self.outer + f.T @ f
+
+    def stats(self):
+        mu = self.sum / self.n
+        return mu, (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+
+
+def save_stats(path, mu, sigma):
+    np.savez(path, mu=mu, sigma=sigma)
+
+
+def load_stats(path):  # -> (mu, sigma)
+    with np.load(path) as f:
+        return f["mu"], f["sigma"]
+
+
+def _trace_sqrt_product(sigma1, sigma2, method):  # Tr sqrt(sigma1 sigma2)
+    if method == "sqrtm":  # pytorch-fid's route: a general (Schur) matrix square root, several times slower
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if np.iscomplexobj(covmean):  # round-off gives a tiny imaginary part; a large one means bad input
+            if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+                raise ValueError(f"Frechet distance: imaginary component {np.abs(covmean.imag).max():.3g}")
+            covmean = covmean.real
+        return np.trace(covmean)
+    if method == "eigh":
+        # If sigma1 = r^T r then sigma1 sigma2 = r^T (r sigma2) has the eigenvalues of r sigma2 r^T, a symmetric PSD
+        # matrix: the trace we want is the sum of their square roots. One symmetric eigensolve, exact, and fast.
+        try:
+            r = scipy.linalg.cholesky(sigma1)  # the cheapest r
+        except np.linalg.LinAlgError:  # singular sigma1 (e.g. fewer samples than dimensions): r = sqrt(sigma1)
+            w, v = scipy.linalg.eigh(sigma1)
+            r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        ev = scipy.linalg.eigh(r @ sigma2 @ r.T, eigvals_only=True)
+        if ev.min() < -1e-3 * max(ev.max(), 1e-12):  # same sanity check as the imaginary part above
+            raise ValueError(f"Frechet distance: negative eigenvalue {ev.min():.3g}; not covariance matrices?")
+        return np.sqrt(np.clip(ev, 0, None)).sum()  # tiny negatives are round-off on singular matrices
+    raise ValueError(f"method must be 'eigh' or 'sqrtm', got {method!r}")
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="eigh"):
+    """FID between two sets of Inception statistics. method="sqrtm" is pytorch-fid's computation (same value)."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape, "statistics of different dimensions"
+    tr_covmean = _trace_sqrt_product(sigma1, sigma2, method)
+    if not np.isfinite(tr_covmean):  # product (nearly) singular: regularize both covariances a little
+        print(f"fid: singular product, adding {eps} to the diagonal of both covariances")
+        offset = eps * np.eye(len(sigma1))
+        tr_covmean = _trace_sqrt_product(sigma1 + offset, sigma2 + offset, method)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+@torch.no_grad()
+def inception_features(images, inception):
+    """images (B, 3, H, W) in [0, 1] -> float64 numpy (B, 2048), on the device Inception lives on."""
+    images = (images.float().clamp(0, 1) * 255).round() / 255  # 8-bit, as if saved as PNG, for both sides
+    return inception(images.to(next(inception.parameters()).device)).double().cpu().numpy()
+
+
+def inception_stats(image_batches, inception, total=None, desc="inception"):
+    """Streams batches of images through Inception -> (mu, sigma); never holds more than one batch."""
+    running = RunningStats()
+    for images in tqdm(image_batches, total=total, desc=desc, leave=False):
+        running.update(inception_features(images, inception))
+    return running.stats()
+
+
+# -----------------------------------------------------------------------------
+# Evaluating a checkpoint. sample.py / prepare_data.py are imported here, not at the top, so the Inception and
+# Frechet-distance code above can be used on its own.
+
+
+def count_correct(images, captions):
+    """How many samples are faces showing every attribute their caption names (toyfaces' pixel reader)."""
+    from prepare_data import read_attributes, shows
+    pixels = (images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3) uint8
+    return sum(shows(r, c) for r, c in zip(read_attributes(pixels), captions))
+
+
+def reference_stats(data_dir, meta, n, inception, batch):
+    """Inception statistics of n random dataset images, computed once and cached next to the data."""
+    from sample import to_images
+    n = min(n, meta["num_images"])
+    res = meta.get("resolution", meta["shape"][-1])
+    path = os.path.join(data_dir, f"fid_stats_{meta['dataset']}_{res}px_{n}.npz")
+    if os.path.isfile(path):
+        return load_stats(path), path
+    x1 = np.load(os.path.join(data_dir, "x1.npy"), mmap_mode="r")  # (N, V, C, H, W): read a batch at a time
+    rows = np.sort(np.random.default_rng(0).permutation(len(x1))[:n])  # fixed seed: the cache name has none
+    device = next(inception.parameters()).device
+    batches = (to_images(torch.from_numpy(x1[rows[i:i + batch], 0].astype(np.float32)).to(device), meta)
+               for i in range(0, n, batch))
+    mu, sigma = inception_stats(batches, inception, total=-(-n // batch), desc=f"reference stats ({n} images)")
+    save_stats(path, mu, sigma)
+    return (mu, sigma), path
+
+
+@torch.no_grad()
+def evaluate(model, meta, feats, captions, steps, inception, batch, seed=0, cfg=1.0, flow_only=False):
+    """Samples one image per caption in `steps` steps -> (Inception (mu, sigma) or None, prompt accuracy or None)."""
+    from sample import sample, to_images
+    device = next(model.parameters()).device
+    running, correct = RunningStats(), 0
+    g = torch.Generator().manual_seed(seed)  # the same noise at every step count: only the step count differs
+    for i in tqdm(range(0, len(feats), batch), desc=f"{steps:3d} steps", leave=False):
+        y = torch.from_numpy(np.asarray(feats[i:i + batch], np.float32)).to(device)
+        noise = torch.randn(len(y), *meta["shape"], generator=g).to(device)
+        images = to_images(sample(model, noise, y, steps, cfg_scale=cfg, flow_only=flow_only), meta)
+        if inception is not None:
+            running.update(inception_features(images, inception))
+        if meta["dataset"] == "toyfaces":
+            correct += count_correct(images, captions[i:i + batch])
+    return (running.stats() if inception is not None else None,
+            correct / len(feats) if meta["dataset"] == "toyfaces" else None)
+
+
+def save_plot(path, steps, columns):
+    """One small line plot per metric, steps on a log2 axis. Drawn with Pillow (a torchvision dependency),
+    since matplotlib is not one of this repo's requirements."""
+    from PIL import Image, ImageDraw
+    W, H, pad = 480, 220, 45
+    img = Image.new("RGB", (W, H * len(columns)), "white")
+    draw = ImageDraw.Draw(img)
+    xs = np.log2(steps)
+    for row, (name, ys) in enumerate(columns.items()):
+        top, lo, hi = row * H, min(ys), max(max(ys), min(ys) + 1e-9)  # a flat line must not divide by 0
+        px = lambda x: pad + (x - xs.min()) / max(xs.max() - xs.min(), 1) * (W - 2 * pad)
+        py = lambda y: top + H - pad - (y - lo) / (hi - lo) * (H - 2 * pad)
+        draw.rectangle([pad, top + pad, W - pad, top + H - pad], outline="gray")
+        draw.text((pad, top + 10), f"{name} vs sampling steps", fill="black")
+        if len(xs) > 1:
+            draw.line([(px(x), py(y)) for x, y in zip(xs, ys)], fill="blue", width=2)
+        for x, s, y in zip(xs, steps, ys):
+            draw.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill="blue")
+            draw.text((px(x) - 4, top + H - pad + 6), str(s), fill="black")
+        for y in (lo, hi):
+            draw.text((3, py(y) - 5), f"{y:.3g}", fill="black")
+    img.save(path)
+
+
+if __name__ == "__main__":
+    import csv
+    import json
+
+    from sample import load_checkpoint, power_of_two_steps
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", default="out/ckpt.pt")
+    parser.add_argument("--steps", nargs="+", type=power_of_two_steps, default=[1, 2, 4, 8, 16, 32, 128])
+    parser.add_argument("--n", type=int, default=10000, help="samples per step count (and reference images)")
+    parser.add_argument("--batch", type=int, default=250)
+    parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth if offline")
+    parser.add_argument("--data-dir", default=None, help="default: the one the checkpoint was trained on")
+    parser.add_argument("--out", default="fid", help="directory for fid.csv and fid.png")
+    parser.error = lambda message: parser.exit(2, f"error: {message}\n")  # one line, no usage dump (as sample.py)
+    args = parser.parse_args()
+    if args.n < 2 or args.batch < 1:
+        raise SystemExit(f"error: need --n >= 2 (a covariance) and --batch >= 1, got {args.n} and {args.batch}")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, ckpt = load_checkpoint(args.ckpt, device)
+    meta, data_dir = ckpt["meta"], args.data_dir or ckpt["args"]["data_dir"]
+    flow_only = ckpt["args"].get("bootstrap_every", 8) == 0  # the flow-matching baseline: always told d = 1/128
+    toyfaces = meta["dataset"] == "toyfaces"
+    try:
+        inception = load_inception(args.inception, device)
+    except SystemExit as e:
+        if not toyfaces:  # FID is the only metric there
+            raise
+        print(f"FID skipped (prompt accuracy only): {str(e).removeprefix('error: ')}")
+        inception = None
+    if inception is not None:  # the dataset side, computed once per (dataset, resolution, N)
+        (mu_ref, sigma_ref), ref_path = reference_stats(data_dir, meta, args.n, inception, args.batch)
+
+    # prompts: the text features of --n random caption rows of the training set, the same for every step count
+    feats = np.load(os.path.join(data_dir, "text_features.npy"), mmap_mode="r")
+    with open(os.path.join(data_dir, "captions.json")) as f:
+        all_captions = json.load(f)
+    rows = np.random.default_rng(args.seed).choice(len(feats), size=args.n, replace=args.n > len(feats))
+    feats, captions = feats[np.sort(rows)], [all_captions[k] for k in np.sort(rows)]
+
+    results = []  # (steps, fid or None, accuracy or None)
+    for steps in args.steps:
+        stats, acc = evaluate(model, meta, feats, captions, steps, inception, args.batch, args.seed, args.cfg,
+                              flow_only)
+        results.append((steps, None if stats is None else frechet_distance(*stats, mu_ref, sigma_ref), acc))
+
+    print(f"\n{meta['dataset']}, N = {args.n} samples per row, cfg {args.cfg}, {args.ckpt} (EMA)"
+          + (f", reference {ref_path}" if inception is not None else ""))
+    print("steps" + ("       FID" if inception is not None else "") + ("  accuracy" if toyfaces else ""))
+    for steps, fd, acc in results:
+        print(f"{steps:5d}" + (f"{fd:10.2f}" if fd is not None else "") + (f"{acc:10.1%}" if acc is not None else ""))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "fid.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([("steps", "n", "fid", "prompt_accuracy")] + [
+            (s, args.n, "" if fd is None else f"{fd:.4f}", "" if a is None else f"{a:.4f}") for s, fd, a in results])
+    columns = {name: [r[i] for r in results] for i, name in [(1, f"FID (N={args.n})"), (2, "prompt accuracy")]
+               if results[0][i] is not None}
+    save_plot(os.path.join(args.out, "fid.png"), args.steps, columns)
+    print(f"wrote {os.path.join(args.out, 'fid.csv')} and {os.path.join(args.out, 'fid.png')}")
