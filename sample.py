@@ -13,13 +13,14 @@ import argparse
 import functools
 import math
 import os
+import re
 import sys
 
 import torch
 from torchvision.utils import save_image
 
 from model import DiT, DiT_models
-from prepare_data import encode_text, load_meta
+from prepare_data import encode_text, prompt_accuracy
 
 
 @torch.no_grad()
@@ -130,14 +131,14 @@ if __name__ == "__main__":
 
     os.makedirs(args.out, exist_ok=True)
     steps_name = "-".join(map(str, args.steps))
-    path = os.path.join(args.out, f"{args.prompt[0].replace(' ', '_')[:60]}_steps{steps_name}_seed{args.seed}.png")
+    name = re.sub("[^a-zA-Z0-9]+", "_", args.prompt[0])[:60]  # a safe file name for any prompt
+    path = os.path.join(args.out, f"{name}_steps{steps_name}_seed{args.seed}.png")
     if len(args.steps) == 1:  # a block of seeds per prompt, 8 to a row
         save_image(images.flatten(0, 2), path, nrow=min(args.n, 8), padding=1)
     else:                     # a steps grid: one row per (prompt, seed), one column per step count
         save_image(images.flatten(0, 2), path, nrow=len(args.steps), padding=1)
     print(f"wrote {path}")
     if meta["dataset"] == "toyfaces":
-        from prepare_data import prompt_accuracy
         for p, prompt in enumerate(args.prompt):
             for s, steps in enumerate(args.steps):
                 pixels = (images[p, :, s] * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
