@@ -278,7 +278,7 @@ if __name__ == "__main__":
     import csv
     import json
 
-    from sample import load_checkpoint, power_of_two_steps
+    from sample import load_checkpoint, one_line_errors, power_of_two_steps
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default="out/ckpt.pt")
@@ -290,7 +290,7 @@ if __name__ == "__main__":
     parser.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth if offline")
     parser.add_argument("--data-dir", default=None, help="default: the one the checkpoint was trained on")
     parser.add_argument("--out", default="fid", help="directory for fid.csv and fid.png")
-    parser.error = lambda message: parser.exit(2, f"error: {message}\n")  # one line, no usage dump (as sample.py)
+    one_line_errors(parser)
     args = parser.parse_args()
     if args.n < 2 or args.batch < 1:
         raise SystemExit(f"error: need --n >= 2 (a covariance) and --batch >= 1, got {args.n} and {args.batch}")

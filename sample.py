@@ -14,7 +14,6 @@ import functools
 import math
 import os
 import re
-import sys
 
 import torch
 from torchvision.utils import save_image
@@ -95,6 +94,11 @@ def power_of_two_steps(s):
     return int(s)
 
 
+def one_line_errors(parser):
+    """Make argparse report a bad value as one line, "error: ...", exit code 2, without the usage dump."""
+    parser.error = lambda message: parser.exit(2, f"error: {message}\n")
+
+
 def parse_args(argv=None):
     """The command line; any bad value is one line on stderr and exit code 2."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -105,11 +109,7 @@ def parse_args(argv=None):
     parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--ckpt", default="out/ckpt.pt")
     parser.add_argument("--out", default="samples", help="directory for the PNG")
-
-    def error(message):  # one line, no usage dump
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-    parser.error = error
+    one_line_errors(parser)
     args = parser.parse_args(argv)
     if any(not p.strip() for p in args.prompt):
         parser.error("empty prompt: say what to draw, e.g. --prompt \"a man with glasses\"")
