@@ -47,17 +47,26 @@ def sample(model, noise, y, steps, cfg_scale=1.0, flow_only=False):
     return x
 
 
-def load_checkpoint(path, device):
-    """Returns (EMA model in eval mode, checkpoint dict). Any problem is one clear line (SystemExit)."""
+def read_checkpoint(path, device):
+    """The checkpoint dict of train.py, loaded with weights_only=True: tensors, dicts, lists, strings and numbers
+    only, never pickled code. A missing, truncated or foreign file is one clear line (SystemExit)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path} not found: train one first with `python train.py`")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot load checkpoint {path}: {str(e).splitlines()[0]}")
+
+
+def load_checkpoint(path, device):
+    """Returns (EMA model in eval mode, checkpoint dict). Any problem is one clear line (SystemExit)."""
+    ckpt = read_checkpoint(path, device)
+    try:
         meta, args = ckpt["meta"], ckpt["args"]
         model = DiT(**DiT_models[args["model"]], input_size=meta["shape"][1], in_channels=meta["shape"][0],
                     feature_dim=meta["feature_dim"]).to(device)
         model.load_state_dict(ckpt["ema"])  # the EMA weights are the ones to sample with
-    except Exception as e:  # truncated file, foreign pickle, missing keys, shape mismatch ...
+    except Exception as e:  # missing keys, shape mismatch ...
         raise SystemExit(f"error: cannot load checkpoint {path}: {str(e).splitlines()[0]}")
     return model.eval(), ckpt
 

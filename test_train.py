@@ -1,0 +1,255 @@
+"""
+Tests of train.py's reliability: exact resume after SIGKILL, atomic checkpoints, the NaN guard, one-line errors
+for bad inputs, and DDP (2 CPU processes over gloo give the same step as one). CPU only, no downloads.
+
+    OMP_NUM_THREADS=1 python -m pytest -q test_train.py
+
+Most runs are in-process (runpy) to skip Python start-up; the kill and the DDP run are real subprocesses.
+"""
+
+import csv
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from prepare_data import prepare_toyfaces
+from train import shortcut_targets
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(HERE, "train.py")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def args(data, out, *extra, steps=8):
+    """A tiny run: DiT-T/4 on 16x16 faces, batch 8 (2 bootstrap rows), a checkpoint every 4 steps."""
+    return ["--data-dir", str(data), "--out", str(out), "--model", "DiT-T/4", "--batch", "8", "--lr", "1e-3",
+            "--ema-decay", "0.9", "--bootstrap-every", "4", "--max-steps", str(steps), "--log-every", "1",
+            "--sample-every", "4", *extra]
+
+
+def train_here(argv, monkeypatch):
+    """python train.py argv, in this process."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    runpy.run_path(TRAIN, run_name="__main__")
+
+
+def error_line(argv, monkeypatch, capsys):
+    """Run train.py expecting a failure: returns its message, asserted to be one line starting with 'error: '."""
+    with pytest.raises(SystemExit) as e:
+        train_here(argv, monkeypatch)
+    code = e.value.code
+    message = code if isinstance(code, str) else capsys.readouterr().err  # SystemExit(str) exits 1; argparse 2
+    assert code not in (0, None)
+    lines = message.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), message
+    return lines[0]
+
+
+def log_losses(out):
+    with open(os.path.join(out, "log.csv")) as f:
+        return [(int(r["step"]), r["loss"], r["loss_flow"], r["loss_bootstrap"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toyfaces16")
+    prepare_toyfaces(str(out), n=64, resolution=16)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run4(data, tmp_path_factory):
+    """A run trained in-process to its checkpoint at step 4. Tests copy it before touching it."""
+    out = tmp_path_factory.mktemp("run4") / "out"
+    mp = pytest.MonkeyPatch()
+    try:
+        train_here(args(data, out, steps=4), mp)
+    finally:
+        mp.undo()
+    return out
+
+
+def copy_run(run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(run, out)
+    return out
+
+
+# ---------------------------------------------------------------------------- DDP: the global batch, split
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_targets_of_each_rank_are_its_rows_of_the_global_batch(world_size):
+    def teacher(x, t, d, y):  # a fixed nonlinear function of every input
+        return torch.sin(x) + (t + 3 * d).view(-1, 1, 1, 1) + y.mean(dim=1).view(-1, 1, 1, 1)
+
+    x1, y = torch.randn(16, 3, 4, 4), torch.randn(16, 5)
+    torch.manual_seed(3)
+    full = shortcut_targets(teacher, x1, y, bootstrap_every=4)
+    for rank in range(world_size):
+        torch.manual_seed(3)  # every rank has the same RNG state
+        part = shortcut_targets(teacher, x1[rank::world_size], y[rank::world_size], 4, rank=rank,
+                                world_size=world_size)
+        for a, b in zip(full, part):
+            assert torch.equal(a[rank::world_size], b)
+        assert (part[2] > 1 / 128).sum() == 4 // world_size  # the 4 bootstrap rows are spread over the ranks
+
+
+def test_ddp_two_processes_take_the_same_step_as_one(data, tmp_path, monkeypatch):
+    """torchrun, 2 CPU processes over gloo, batch 2 x 4 vs one process with batch 8: one step each."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
+                        *args(data, tmp_path / "ddp", steps=1)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("2 processes") == 1  # only rank 0 prints
+    train_here(args(data, tmp_path / "one", steps=1), monkeypatch)
+    ddp, one = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("ddp", "one"))
+    for key in ("model", "ema"):
+        for name, w in one[key].items():
+            assert (ddp[key][name] - w).abs().max() < 1e-5, (key, name)
+    # AdamW's first moment after one step is 0.1 x the gradient: the same mean gradient over the same 8 rows
+    moved = 0
+    for state_ddp, state_one in zip(ddp["optimizer"]["state"].values(), one["optimizer"]["state"].values()):
+        assert (state_ddp["exp_avg"] - state_one["exp_avg"]).abs().max() < 1e-5
+        moved += state_one["exp_avg"].abs().sum()
+    assert moved > 1e-3  # the step was real: the comparison above is not between zeros
+    assert log_losses(tmp_path / "ddp")[0][0] == 1
+
+
+# ---------------------------------------------------------------------------- resume after a crash
+
+def test_resume_after_sigkill_matches_the_straight_run(data, tmp_path, monkeypatch):
+    """4 steps, SIGKILL while training steps 5..8, --resume to 8 == 8 steps straight, bit for bit."""
+    killed = subprocess.Popen([sys.executable, TRAIN, *args(data, tmp_path / "killed")], env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, deadline = tmp_path / "killed" / "log.csv", time.time() + 300
+    while killed.poll() is None and time.time() < deadline:  # step 5 logged: past the checkpoint at 4
+        if log.exists() and any(line.startswith("5,") for line in log.read_text().splitlines()):
+            os.kill(killed.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    assert killed.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)["step"] == 4
+    assert max(step for step, *_ in log_losses(tmp_path / "killed")) > 4  # steps were lost: the resume must redo them
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in the killed run: the same kernels, the same bits
+    try:
+        train_here(args(data, tmp_path / "killed", "--resume"), monkeypatch)
+        train_here(args(data, tmp_path / "straight"), monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("straight", "killed"))
+    assert a["step"] == b["step"] == 8
+    for key in ("model", "ema"):
+        assert all(torch.equal(w, b[key][name]) for name, w in a[key].items()), key
+    for s_a, s_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(s_a[k], s_b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["numpy"] == b["rng"]["numpy"]
+    # the log: every step once, the same losses
+    assert log_losses(tmp_path / "killed") == log_losses(tmp_path / "straight")
+    assert [step for step, *_ in log_losses(tmp_path / "straight")] == list(range(1, 9))
+
+
+def test_checkpoint_holds_only_plain_data(run4):
+    ckpt = torch.load(run4 / "ckpt.pt", weights_only=True)  # would fail on any pickled object
+    assert ckpt["step"] == 4 and isinstance(ckpt["args"], dict) and ckpt["args"]["model"] == "DiT-T/4"
+    assert {"model", "ema", "optimizer", "rng", "meta"} <= set(ckpt)
+    assert not os.path.exists(str(run4 / "ckpt.pt") + ".tmp")
+
+
+# ---------------------------------------------------------------------------- failures keep the last checkpoint
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(data, run4, tmp_path, monkeypatch, capsys):
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(data, poisoned)
+    x1 = np.load(poisoned / "x1.npy")
+    x1[:] = np.nan  # every batch of this copy has NaN pixels: the first step's loss is NaN
+    np.save(poisoned / "x1.npy", x1)
+    out = copy_run(run4, tmp_path)
+    before = (out / "ckpt.pt").read_bytes()
+    line = error_line(args(poisoned, out, "--resume"), monkeypatch, capsys)
+    assert "loss is nan at step 5" in line and "step 4) is untouched" in line
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert not (out / "grid_000008.png").exists()
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(run4, data, tmp_path, monkeypatch, capsys):
+    """A file size limit makes the checkpoint's write fail halfway, as a full disk would."""
+    resource = pytest.importorskip("resource")
+    out = copy_run(run4, tmp_path)
+    before = (out / "ckpt.pt").read_bytes()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, limits[1]))  # 1 MiB: log.csv fits, the 22 MB checkpoint not
+    try:
+        line = error_line(args(data, out, "--resume"), monkeypatch, capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert line.startswith(f"error: cannot save {out / 'ckpt.pt'}") and "previous checkpoint is untouched" in line
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert not os.path.exists(str(out / "ckpt.pt") + ".tmp")
+
+
+# ---------------------------------------------------------------------------- bad inputs: one line, exit != 0
+
+def half_written(data, tmp_path):  # prepare_data.py writes meta.json last
+    shutil.copytree(data, tmp_path / "half", ignore=shutil.ignore_patterns("meta.json"))
+    return ["--data-dir", str(tmp_path / "half")]
+
+
+def wrong_shape(data, tmp_path):
+    shutil.copytree(data, tmp_path / "wrong")
+    np.save(tmp_path / "wrong" / "x1.npy", np.zeros((64, 1, 3, 16, 8), np.float16))
+    return ["--data-dir", str(tmp_path / "wrong")]
+
+
+def other_resolution(data, tmp_path):
+    prepare_toyfaces(str(tmp_path / "res8"), n=16, resolution=8)
+    return ["--data-dir", str(tmp_path / "res8"), "--out", str(tmp_path / "run"), "--resume"]
+
+
+def truncated_checkpoint(data, tmp_path):
+    path = tmp_path / "run" / "ckpt.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    return ["--out", str(tmp_path / "run"), "--resume"]
+
+
+def out_is_a_file(data, tmp_path):
+    (tmp_path / "file").write_text("")
+    return ["--out", str(tmp_path / "file")]
+
+
+BAD = {
+    "half-written data dir": (half_written, "meta.json not found"),
+    "wrong array shape": (wrong_shape, "x1.npy has shape (64, 1, 3, 16, 8) but meta.json says (64, 1, 3, 16, 16)"),
+    "batch larger than the data": (lambda data, tmp: ["--batch", "65"], "larger than the data set (64 images"),
+    "batch 0": (lambda data, tmp: ["--batch", "0"], "argument --batch: must be a whole number >= 1, got '0'"),
+    "unknown model": (lambda data, tmp: ["--model", "DiT-Q/3"], "argument --model: invalid choice: 'DiT-Q/3'"),
+    "out dir not writable": (out_is_a_file, "cannot write to --out"),
+    "checkpoint exists, no --resume": (lambda data, tmp: ["--out", str(tmp / "run")], "exists: add --resume"),
+    "--resume without checkpoint": (lambda data, tmp: ["--resume"], "not found"),
+    "--resume truncated checkpoint": (truncated_checkpoint, "cannot load checkpoint"),
+    "--resume other model": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--model", "DiT-T/2"],
+                             "is DiT-T/4 on [3, 16, 16] data with 64-dim text features, this run is DiT-T/2 on "
+                             "[3, 16, 16] with 64-dim"),
+    "--resume other data shape": (other_resolution, "is DiT-T/4 on [3, 16, 16] data with 64-dim text features, "
+                                                    "this run is DiT-T/4 on [3, 8, 8] with 64-dim"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_inputs_are_one_line_and_overwrite_nothing(case, data, run4, tmp_path, monkeypatch, capsys):
+    make, expected = BAD[case]
+    run = copy_run(run4, tmp_path).rename(tmp_path / "run")  # an earlier run, for the cases that name it
+    argv = args(data, tmp_path / "new") + make(data, tmp_path)  # later flags override earlier ones
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    line = error_line(argv, monkeypatch, capsys)
+    assert expected in line, line
+    assert all((run / name).read_bytes() == b for name, b in before.items())  # the existing run is untouched
+    assert not (tmp_path / "new" / "ckpt.pt").exists()
