@@ -5,11 +5,11 @@ Train a text-conditioned shortcut model (Frans et al. 2024): flow matching plus 
     python train.py --model DiT-T/4 --lr 1e-3 --ema-decay 0.99 --lr-schedule cosine --bootstrap-every 4 \
                     --max-steps 2500 --sample-every 500                       # toyfaces on a 2-core CPU, ~11 min
     python train.py --bootstrap-every 0 ...                     # the flow-matching baseline, same script
-    python train.py ... --resume                                # continue out/ckpt.pt after a crash: the same
-                                                                # command plus --resume, bit for bit the same run
-    torchrun --standalone --nproc_per_node=8 train.py --batch 256                  # DDP on the 8 GPUs of one machine
+    python train.py ... --resume                                # after a crash: the same command plus --resume
+                                                                # continues out/ckpt.pt (bit for bit on a CPU)
+    torchrun --standalone --nproc_per_node=8 train.py --batch 64                   # DDP on the 8 GPUs of one machine
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
-             train.py --batch 512                               # two machines: run on both, --node_rank=1 on the second
+             train.py --batch 128                               # two machines: run on both, --node_rank=1 on the second
 
 Reads the dataset written by prepare_data.py (--data-dir), writes to --out: ckpt.pt (plain dict, loads with
 weights_only=True; written to a temporary file and renamed, so it is always complete), log.csv (loss,
@@ -194,7 +194,8 @@ if __name__ == "__main__":
     # --- data: x1 (N, V, C, H, W) memory-mapped; one row per caption in text_features / caption_image
     meta, x1_all, features, caption_image = load_data(args.data_dir)
     if args.batch > meta["num_images"]:
-        parser.error(f"--batch {args.batch} is larger than the data set ({meta['num_images']} images in {args.data_dir})")
+        parser.error(f"--batch {args.batch} is larger than the data set "
+                     f"({meta['num_images']} images in {args.data_dir})")
 
     def get_batch():
         k = rng.integers(len(features), size=args.batch)[rows]                 # random captions ...
