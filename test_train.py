@@ -220,6 +220,14 @@ def truncated_checkpoint(data, tmp_path):
     return ["--out", str(tmp_path / "run"), "--resume"]
 
 
+def checkpoint_without_rng(data, tmp_path):  # as written before --resume existed
+    path = tmp_path / "run" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["rng"]
+    torch.save(ckpt, path)
+    return ["--out", str(tmp_path / "run"), "--resume"]
+
+
 def out_is_a_file(data, tmp_path):
     (tmp_path / "file").write_text("")
     return ["--out", str(tmp_path / "file")]
@@ -235,6 +243,7 @@ BAD = {
     "checkpoint exists, no --resume": (lambda data, tmp: ["--out", str(tmp / "run")], "exists: add --resume"),
     "--resume without checkpoint": (lambda data, tmp: ["--resume"], "not found"),
     "--resume truncated checkpoint": (truncated_checkpoint, "cannot load checkpoint"),
+    "--resume older checkpoint": (checkpoint_without_rng, "cannot resume from"),
     "--resume other model": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--model", "DiT-T/2"],
                              "is DiT-T/4 on [3, 16, 16] data with 64-dim text features, this run is DiT-T/2 on "
                              "[3, 16, 16] with 64-dim"),

@@ -236,7 +236,7 @@ if __name__ == "__main__":
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
             rng.bit_generator.state = ckpt["rng"]["numpy"]
             start = ckpt["step"]
-        except (KeyError, RuntimeError, ValueError) as e:  # an older or foreign checkpoint
+        except Exception as e:  # an older or foreign checkpoint: missing keys, wrong shapes ...
             raise SystemExit(f"error: cannot resume from {ckpt_path}: {type(e).__name__} {str(e).splitlines()[0]}")
     elif os.path.exists(ckpt_path):  # never overwrite a run by accident
         raise SystemExit(f"error: {ckpt_path} exists: add --resume to continue that run, or choose another --out")
@@ -307,7 +307,7 @@ if __name__ == "__main__":
         with torch.no_grad():  # EMA: ema <- decay * ema + (1 - decay) * model
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema_decay)
 
-        # --- log rank 0's rows (loss.item() waits for the GPU, so only every log_every steps)
+        # --- log rank 0's rows every log_every steps
         if master and (step + 1) % args.log_every == 0:
             now = time.time()
             is_flow = d == 1 / args.denoise_steps
