@@ -56,11 +56,22 @@ class TextEmbedder(nn.Module):
         super().__init__()
         self.proj = nn.Sequential(nn.Linear(feature_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.null = nn.Parameter(torch.zeros(hidden_size))
+        # Per-dimension statistics of the training captions (train.py sets them, checkpoints keep them).
+        # Frozen text features share a large common component; standardising them makes the differences
+        # between captions, the part that matters, visible to the MLP from the first step.
+        self.register_buffer("feature_mean", torch.zeros(feature_dim))
+        self.register_buffer("feature_std", torch.ones(feature_dim))
+
+    def set_feature_stats(self, features):
+        # features: (K, D) the text features of the training captions
+        self.feature_mean.copy_(features.mean(0))
+        self.feature_std.copy_(features.std(0).clamp_min(1e-6))
 
     def forward(self, y):
         # y: (B, D) -> (B, hidden)
         is_null = (y == 0).all(dim=1, keepdim=True)                               # (B, 1)
-        return torch.where(is_null, self.null.to(y.dtype), self.proj(y))
+        y_std = (y - self.feature_mean) / self.feature_std
+        return torch.where(is_null, self.null.to(y.dtype), self.proj(y_std))
 
 
 # -----------------------------------------------------------------------------

@@ -101,6 +101,16 @@ def test_model_shapes_zero_init_and_null_caption():
     assert torch.equal(out[1], emb.null) and not torch.allclose(out[0], emb.null)
 
 
+def test_text_features_standardised_with_training_stats():
+    emb = DiT(**DiT_models["DiT-T/4"], input_size=16, in_channels=3, feature_dim=7).y_embedder
+    features = 5 + 0.1 * torch.randn(100, 7)  # a large common component, small differences: like frozen CLIP
+    emb.set_feature_stats(features)
+    z = (features - features.mean(0)) / features.std(0)
+    assert torch.allclose(emb(features[:3]), emb.proj(z[:3]), atol=1e-5)
+    assert torch.equal(emb(torch.zeros(1, 7))[0], emb.null)  # the null caption is still a zero row
+    assert {"feature_mean", "feature_std"} <= set(emb.state_dict())  # checkpoints carry the stats
+
+
 def test_dit_b2_parameter_count():
     model = DiT(**DiT_models["DiT-B/2"], input_size=32, in_channels=4, feature_dim=512)
     n = sum(p.numel() for p in model.parameters())

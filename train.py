@@ -206,6 +206,7 @@ if __name__ == "__main__":
     # --- model, its EMA (the bootstrap teacher and the weights we sample with), optimizer
     model = DiT(**DiT_models[args.model], input_size=meta["shape"][1], in_channels=meta["shape"][0],
                 feature_dim=meta["feature_dim"]).to(device)
+    model.y_embedder.set_feature_stats(torch.from_numpy(features).to(device))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.999), fused=device != "cpu")
