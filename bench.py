@@ -9,8 +9,9 @@ Benchmark: training throughput and MFU, few-step sampling with VAE decode, Incep
 Prints one line per figure and writes them all to --out as JSON, with the device, torch version and date.
 Weights and data are random (the time does not depend on them) and of the real shapes: the DiT of model.py, the
 SD-VAE architecture from its config (stabilityai/sd-vae-ft-mse), the FID Inception of fid.py. The training step
-is train.py's (shortcut_targets, the model in bf16 autocast on CUDA, AdamW, EMA) on cached latents; timings are
-the steady state after warm-up (torch.compile, cuDNN autotuning and the allocator settle in the first calls).
+is train.py's (shortcut_targets, the model in bf16 autocast on CUDA, AdamW, EMA) on cached latents already on the
+device (train.py copies each batch from pinned memory while the GPU works). Timings are the steady state after
+warm-up (torch.compile, cuDNN autotuning and the allocator settle in the first calls).
 
 --baseline repeats the training step the naive way, as the public reimplementations do: fp32 without TF32, no
 compile, attention as explicit matmuls + softmax, a for-loop AdamW, and the images encoded by the VAE at every
@@ -162,6 +163,41 @@ def bench_train(cfg, shape, device, iters, warmup, naive, compile, vae=None):
     return seconds, torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
 
 
+def bench_sampling(model, meta, shape, feature_dim, steps, batch, device, iters, warmup):
+    """-> (seconds for `steps` DiT calls, seconds for the VAE decode) of sample.py's path at this batch size."""
+    noise, y = torch.randn(batch, *shape, device=device), torch.randn(batch, feature_dim, device=device)
+    with torch.no_grad(), autocast(device):
+        x = sample(model, noise, y, steps)
+        return (timed(lambda: sample(model, noise, y, steps), iters, warmup, device),
+                timed(lambda: to_images(x, meta), iters, warmup, device))
+
+
+def bench_frechet(dim, method):
+    """-> (seconds, value) of fid.frechet_distance between two random full-rank dim-d Gaussians."""
+    rng = np.random.default_rng(0)
+    stats = [compute_stats(rng.standard_normal((2 * dim, dim)) * rng.uniform(0.5, 2, dim)) for _ in range(2)]
+    start = time.perf_counter()
+    value = frechet_distance(*stats[0], *stats[1], method=method)
+    return time.perf_counter() - start, value
+
+
+def flop_counts(cfg, shape):
+    """GFLOPs per image of everything timed: the DiT from its formula, the rest counted by PyTorch on the "meta"
+    device (shapes only, nothing computed, so even the SD-VAE is counted instantly on a CPU)."""
+    model = DiT(**DiT_models[cfg["model"]], input_size=shape[1], in_channels=shape[0], feature_dim=cfg["feature_dim"])
+    S = cfg["image_size"]
+    flops = dict(forward=model.flops_per_image(), train_step=train_flops_per_image(model, cfg["batch"],
+                                                                                   cfg["bootstrap_every"]))
+    with torch.device("meta"), torch.no_grad():
+        images = torch.rand(1, 3, S, S)
+        flops["inception"] = count_flops(lambda: FIDInceptionV3()(images))
+        if cfg["vae"] is not None:
+            vae = build_vae(cfg["vae"], S)
+            flops["vae_encode"] = count_flops(lambda: vae.encode(images))
+            flops["vae_decode"] = count_flops(lambda: vae.decode(torch.randn(1, *shape)))
+    return {k: v / 1e9 for k, v in flops.items()}
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -173,6 +209,7 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=None, help="timed calls per figure (20 on CUDA, 3 on CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU; known GPUs are looked up")
     parser.add_argument("--quick", action="store_true", help="1 warm-up + 1 timed call, batch 8: a smoke test")
+    parser.add_argument("--flops-only", action="store_true", help="print the FLOP counts and ceilings, time nothing")
     parser.add_argument("--out", default=None, help="write every figure to this JSON file")
     args = parser.parse_args(argv)
 
@@ -186,8 +223,8 @@ def main(argv=None):
     shape = (3, S, S) if vae_cfg is None else (4, S // down, S // down)                # what the DiT sees
     iters = 1 if args.quick else args.iters or (20 if device == "cuda" else 3)
     warmup = 5 if device == "cuda" and not args.quick else 1
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU {platform.processor() or platform.machine()}, " \
-                                                                 f"{torch.get_num_threads()} threads"
+    name = (torch.cuda.get_device_name() if device == "cuda" else
+            f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device == "cuda" and k in name), None)
     results = {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(), "preset": preset,
                "config": {**cfg, "latent_shape": shape, "compile": args.compile, "iters": iters, "warmup": warmup,
@@ -197,22 +234,28 @@ def main(argv=None):
 
     def report(key, line, **values):
         results[key] = values
-        print(f"{key:24s} {line}")
+        print(f"{key:22s} {line}")
 
-    def guarded(fn):  # an out-of-memory figure is reported, not fatal: the others still get measured
+    def guarded(key, fn):  # an out-of-memory figure is reported, not fatal: the others still get measured
         try:
             return fn()
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
-            return None
+            report(key, "out of memory", error="out of memory")
 
-    # --- FLOPs and the ceiling they imply
-    probe = DiT(**DiT_models[cfg["model"]], input_size=shape[1], in_channels=shape[0], feature_dim=cfg["feature_dim"])
-    fwd, step_flops = probe.flops_per_image(), train_flops_per_image(probe, B, cfg["bootstrap_every"])
-    h100 = PEAK_TFLOPS["H100"] * 1e12
-    report("flops", f"{cfg['model']} forward {fwd / 1e9:.2f} GFLOP/img, training step {step_flops / 1e9:.2f} GFLOP/img "
-           f"(3 + 2/{cfg['bootstrap_every']} forwards) -> H100 ceiling {h100 / step_flops:,.0f} img/s at 989 TFLOP/s",
-           forward_gflops=fwd / 1e9, train_step_gflops=step_flops / 1e9, h100_ceiling_img_s=h100 / step_flops)
+    # --- FLOPs and the H100 ceilings they imply (989 TFLOP/s dense bf16)
+    g = flop_counts(cfg, shape)
+    h100 = PEAK_TFLOPS["H100"] * 1e3  # GFLOP/s
+    sample_1step = g["forward"] + g.get("vae_decode", 0)
+    vae_share = f" (VAE decode {g['vae_decode'] / sample_1step:.0%}, encode {g['vae_encode']:.4g})" if vae_cfg else ""
+    report("flops", f"{cfg['model']} forward {g['forward']:.2f} GFLOP/img; training step {g['train_step']:.2f} "
+           f"(3 + 2/{cfg['bootstrap_every']} forwards) -> H100 ceiling {h100 / g['train_step']:,.0f} img/s; "
+           f"1-step sample {sample_1step:.4g}{vae_share} -> {h100 / sample_1step:,.0f} img/s; "
+           f"Inception {g['inception']:.3g}",
+           **{f"{k}_gflops": v for k, v in g.items()}, h100_train_img_s=h100 / g["train_step"],
+           h100_sample_1step_img_s=h100 / sample_1step)
+    if args.flops_only:
+        return results
 
     # --- the VAE: random weights saved to a temporary directory, so sampling decodes through sample.to_images
     tmp = tempfile.TemporaryDirectory()
@@ -223,26 +266,22 @@ def main(argv=None):
         vae, meta["vae"] = vae.to(device), tmp.name
 
     # --- training
-    out = guarded(lambda: bench_train(cfg, shape, device, iters, warmup, naive=False, compile=args.compile))
-    if out is None:
-        report("train", f"batch {B}: out of memory", error="out of memory")
-    else:
+    out = guarded("train", lambda: bench_train(cfg, shape, device, iters, warmup, naive=False, compile=args.compile))
+    if out:
         sec, mem = out
-        tflops = step_flops * B / sec / 1e12
+        tflops = g["train_step"] * B / sec / 1e3
         report("train", f"batch {B}: {B / sec:,.1f} img/s ({sec * 1e3:.1f} ms/step), {tflops:.3g} TFLOP/s"
                + (f", MFU {tflops / peak:.1%} of {peak:g}" if peak else "")
                + (f", peak memory {mem:.1f} GiB" if mem is not None else ""),
                img_per_s=B / sec, step_ms=sec * 1e3, tflops=tflops, mfu=tflops / peak if peak else None,
                peak_mem_gib=mem)
     if args.baseline:
-        base = guarded(lambda: bench_train(cfg, shape, device, max(iters // 4, 1), min(warmup, 2), naive=True,
-                                           compile=False, vae=vae))
-        if base is None:
-            report("train_baseline", f"batch {B}: out of memory", error="out of memory")
-        else:
-            sec_b, mem_b = base
-            ratio = sec_b / results["train"]["step_ms"] * 1e3 if "img_per_s" in results["train"] else None
-            report("train_baseline", f"batch {B}: {B / sec_b:,.1f} img/s ({sec_b * 1e3:.1f} ms/step, fp32, plain "
+        out = guarded("train_baseline", lambda: bench_train(cfg, shape, device, iters, min(warmup, 2), naive=True,
+                                                            compile=False, vae=vae))
+        if out:
+            sec_b, mem_b = out
+            ratio = sec_b / results["train"]["step_ms"] * 1e3 if "step_ms" in results["train"] else None
+            report("train_baseline", f"batch {B}: {B / sec_b:,.1f} img/s ({sec_b * 1e3:.1f} ms/step: fp32, plain "
                    f"attention, for-loop AdamW{', VAE encode every step' if vae else ''})"
                    + (f" -> fast path {ratio:.2f}x" if ratio else ""),
                    img_per_s=B / sec_b, step_ms=sec_b * 1e3, speedup=ratio, peak_mem_gib=mem_b)
@@ -253,60 +292,38 @@ def main(argv=None):
     for p in model.parameters():  # not adaLN-Zero's zero output: decode real-looking latents
         torch.nn.init.normal_(p, std=0.02)
     sampler = torch.compile(model) if args.compile else model
-    if vae is not None:
-        z = torch.randn(1, *shape, device=device)
-        with torch.no_grad():
-            vae_flops = count_flops(lambda: to_images(z, meta))
     for batch in (1, B):
         for steps in (1, 4):
-            noise, y = torch.randn(batch, *shape, device=device), torch.randn(batch, cfg["feature_dim"], device=device)
-
-            def run():
-                with torch.no_grad(), autocast(device):
-                    x = sample(sampler, noise, y, steps)
-                    t_dit = timed(lambda: sample(sampler, noise, y, steps), iters, warmup, device)
-                    t_vae = timed(lambda: to_images(x, meta), iters, warmup, device)
-                return t_dit, t_vae
-            out = guarded(run)
             key = f"sample_{steps}step_batch{batch}"
-            if out is None:
-                report(key, "out of memory", error="out of memory")
-                continue
-            t_dit, t_vae = out
-            total = t_dit + t_vae
-            report(key, f"{batch / total:,.1f} img/s, {total * 1e3:.1f} ms = DiT {t_dit * 1e3:.1f} ms + VAE decode "
-                   f"{t_vae * 1e3:.1f} ms ({t_vae / total:.0%})"
-                   + (f"; decode {vae_flops / 1e9:.3g} GFLOP/img at {vae_flops * batch / t_vae / 1e12:.3g} TFLOP/s"
-                      if vae is not None else ""),
-                   img_per_s=batch / total, latency_ms=total * 1e3, dit_ms=t_dit * 1e3, vae_ms=t_vae * 1e3,
-                   vae_share=t_vae / total, vae_decode_gflops=vae_flops / 1e9 if vae is not None else None)
+            out = guarded(key, lambda: bench_sampling(sampler, meta, shape, cfg["feature_dim"], steps, batch, device,
+                                                      iters, warmup))
+            if out:
+                t_dit, t_vae = out
+                total = t_dit + t_vae
+                tflops = (steps * g["forward"] + g.get("vae_decode", 0)) * batch / total / 1e3
+                report(key, f"{batch / total:,.1f} img/s, {total * 1e3:.1f} ms = DiT {t_dit * 1e3:.1f} + VAE decode "
+                       f"{t_vae * 1e3:.1f} ms ({t_vae / total:.0%}), {tflops:.3g} TFLOP/s",
+                       img_per_s=batch / total, latency_ms=total * 1e3, dit_ms=t_dit * 1e3, vae_ms=t_vae * 1e3,
+                       vae_share=t_vae / total, tflops=tflops)
 
-    # --- Inception features (fid.py's network and preprocessing, fp32 as fid.py runs it)
+    # --- Inception features (fid.py's network and preprocessing, in fp32 as fid.py runs it)
     inception = FIDInceptionV3().eval().requires_grad_(False).to(device)
-    batch = B if device == "cuda" else 2 if args.quick else min(B, 4)
+    batch = B if device == "cuda" else 2 if args.quick else 4
     images = torch.rand(batch, 3, S, S, device=device)
-    with torch.no_grad():
-        inc_flops = count_flops(lambda: inception(images[:1]))
-    sec = guarded(lambda: timed(lambda: inception_features(images, inception), iters, warmup, device))
-    report("inception", f"batch {batch}: " + ("out of memory" if sec is None else
-           f"{batch / sec:,.1f} img/s, {inc_flops / 1e9:.1f} GFLOP/img at {inc_flops * batch / sec / 1e12:.3g} TFLOP/s"),
-           img_per_s=None if sec is None else batch / sec, gflops_per_img=inc_flops / 1e9)
+    sec = guarded("inception", lambda: timed(lambda: inception_features(images, inception), iters, warmup, device))
+    if sec:
+        report("inception", f"batch {batch}: {batch / sec:,.1f} img/s, {g['inception'] * batch / sec / 1e3:.3g} TFLOP/s",
+               img_per_s=batch / sec, tflops=g["inception"] * batch / sec / 1e3)
 
-    # --- the Frechet distance between two sets of Inception statistics (CPU, float64)
+    # --- the Frechet distance between two sets of 2048-d Inception statistics (CPU, float64)
     dim = 256 if args.quick else 2048
-    rng = np.random.default_rng(0)
-    stats = [compute_stats(rng.standard_normal((2 * dim, dim)) * rng.uniform(0.5, 2, dim)) for _ in range(2)]
-    methods = ["eigh", "sqrtm"] if args.baseline else ["eigh"]
-    for method in methods:
-        start = time.perf_counter()
-        value = frechet_distance(*stats[0], *stats[1], method=method)
-        sec = time.perf_counter() - start
-        key = "frechet" if method == "eigh" else "frechet_baseline"
-        extra = ""
-        if method == "sqrtm":
-            extra = f" -> eigh {sec / results['frechet']['seconds']:.1f}x faster, |difference| " \
-                    f"{abs(value - results['frechet']['value']):.2g}"
-        report(key, f"{dim}-d, {method}: {sec:.2f} s (value {value:.6g}){extra}", dim=dim, seconds=sec, value=value)
+    sec, value = bench_frechet(dim, "eigh")
+    report("frechet", f"{dim}-d, eigh: {sec:.2f} s (value {value:.6g})", dim=dim, seconds=sec, value=value)
+    if args.baseline:
+        sec_b, value_b = bench_frechet(dim, "sqrtm")
+        report("frechet_baseline", f"{dim}-d, sqrtm: {sec_b:.2f} s (value {value_b:.6g}) -> eigh {sec_b / sec:.1f}x "
+               f"faster, |difference| {abs(value_b - value):.2g}", dim=dim, seconds=sec_b, value=value_b,
+               speedup=sec_b / sec)
     tmp.cleanup()
 
     if args.out:

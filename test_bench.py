@@ -10,8 +10,8 @@ import json
 
 import torch
 
-from bench import build_vae, count_flops, main, make_train_step, plain_mode, train_flops_per_image
-from model import DiT, DiT_models
+from bench import PRESETS, build_vae, count_flops, flop_counts, main, make_train_step, plain_mode, train_flops_per_image
+from model import DiT
 
 
 def small_dit(seed=0):
@@ -34,8 +34,14 @@ def test_flops_per_image_is_what_pytorch_counts_and_matches_the_dit_paper():
     with torch.no_grad():
         counted = count_flops(lambda: model(*inputs(3)))
     assert counted == 3 * model.flops_per_image()  # exact: every matmul, attention included
-    dit_b2 = DiT(**DiT_models["DiT-B/2"], input_size=32, in_channels=4, feature_dim=512)
-    assert abs(dit_b2.flops_per_image() / 1e9 - 2 * 23.01) < 0.2  # the DiT paper's 23.01 "Gflops" are multiply-adds
+
+
+def test_flop_counts_of_the_gpu_preset_match_the_published_figures():
+    g = flop_counts(PRESETS["DiT-B/2"], (4, 32, 32))
+    assert abs(g["forward"] - 2 * 23.01) < 0.2  # the DiT paper's 23.01 "Gflops" for DiT-B/2 are multiply-adds
+    assert abs(g["train_step"] / g["forward"] - (3 + 2 / 8)) < 1e-9
+    assert 600 < g["vae_decode"] < 640 and 260 < g["vae_encode"] < 285  # SD-VAE at 256 px: ~620 and ~270
+    assert 11 < g["inception"] < 12  # InceptionV3 at 299 px: ~11.4
 
 
 def test_training_step_flops_are_three_forwards_plus_two_teacher_forwards_on_bootstrap_rows():
