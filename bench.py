@@ -5,6 +5,7 @@ Benchmark: training throughput and MFU, few-step sampling with VAE decode, Incep
     python bench.py --compile --baseline --out bench.json   # + the naive way in the same run, and the speed-up
     python bench.py --preset toyfaces                # the CPU quickstart's training step (DiT-T/4 on 32 px pixels)
     python bench.py --quick                          # one iteration of everything: a smoke test (test_bench.py)
+    python bench.py --preset DiT-B/2 --flops-only    # FLOPs per image and the H100 ceilings, on any machine
 
 Prints one line per figure and writes them all to --out as JSON, with the device, torch version and date.
 Weights and data are random (the time does not depend on them) and of the real shapes: the DiT of model.py, the
@@ -51,8 +52,9 @@ PRESETS = {
     "toyfaces": dict(model="DiT-T/4", image_size=32, vae=None, feature_dim=64, batch=64, bootstrap_every=4),
 }
 
-# dense bf16 tensor-core peak of the GPUs we know, TFLOP/s (H100/H200 SXM: 989; their sparse figure is twice that)
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# dense bf16 tensor-core peak of the GPUs we know, TFLOP/s (H100/H200 SXM: 989; their sparse figure is twice that);
+# the first name found in torch.cuda.get_device_name() wins
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 # -----------------------------------------------------------------------------
@@ -85,7 +87,7 @@ def count_flops(fn):
 def train_flops_per_image(model, batch, bootstrap_every):
     """Model FLOPs of one shortcut training step per image: the student's forward and backward (3 forwards) on
     every row, plus the teacher's two half-step forwards on the B / bootstrap_every bootstrap rows."""
-    n_boot = batch // bootstrap_every if bootstrap_every else 0  # as shortcut_targets
+    n_boot = min(max(batch // bootstrap_every, 1), batch - 1) if bootstrap_every else 0  # as shortcut_targets
     return model.flops_per_image() * (3 + 2 * n_boot / batch)
 
 
@@ -130,7 +132,8 @@ def build_vae(cfg, image_size):
     """The VAE architecture of cfg (diffusers' AutoencoderKL) with random weights."""
     from diffusers import AutoencoderKL
     levels = len(cfg["block_out_channels"])
-    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels,
                          latent_channels=4, sample_size=image_size, **cfg).eval().requires_grad_(False)
 
 
@@ -312,8 +315,9 @@ def main(argv=None):
     images = torch.rand(batch, 3, S, S, device=device)
     sec = guarded("inception", lambda: timed(lambda: inception_features(images, inception), iters, warmup, device))
     if sec:
-        report("inception", f"batch {batch}: {batch / sec:,.1f} img/s, {g['inception'] * batch / sec / 1e3:.3g} TFLOP/s",
-               img_per_s=batch / sec, tflops=g["inception"] * batch / sec / 1e3)
+        tflops = g["inception"] * batch / sec / 1e3
+        report("inception", f"batch {batch}: {batch / sec:,.1f} img/s, {tflops:.3g} TFLOP/s",
+               img_per_s=batch / sec, tflops=tflops)
 
     # --- the Frechet distance between two sets of 2048-d Inception statistics (CPU, float64)
     dim = 256 if args.quick else 2048
