@@ -181,7 +181,7 @@ class DiT(nn.Module):
 
         The DiT paper's "Gflops" count multiply-adds: its 23.0 for DiT-B/2 are 46.0 GFLOPs here. Counted: every
         matmul (the patch convolution is one too) and the attention scores and mixing; not counted: norms,
-        activations, softmax (a few % of the time, no tensor cores). test_bench.py checks this against
+        activations, softmax (under 1% of the FLOPs, left out of MFU by convention). test_bench.py checks this against
         torch.utils.flop_counter. A training step costs ~3x this (the backward pass is two matmuls per forward one).
         """
         T, C = self.pos_embed.shape[1:]                                          # tokens, width

@@ -123,7 +123,7 @@ if __name__ == "__main__":
         k = rng.integers(len(features), size=args.batch)                       # random captions ...
         view = rng.integers(x1_all.shape[1], size=args.batch)                  # ... and a random flip of each image
         x1, y = torch.from_numpy(x1_all[caption_image[k], view].astype(np.float32)), torch.from_numpy(features[k])
-        if device == "cuda":  # page-locked memory: the copies run in the background, the GPU never waits for us
+        if device == "cuda":  # page-locked memory: the copies are asynchronous, the CPU goes on queueing work
             x1, y = x1.pin_memory(), y.pin_memory()
         return x1.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
