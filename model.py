@@ -187,6 +187,23 @@ class DiT(nn.Module):
         x = self.final_layer(x, c)                                               # (B, T, p*p*C_in)
         return self.unpatchify(x)                                                # (B, C_in, H, W)
 
+    def flops_per_image(self):
+        """FLOPs of one forward pass for one image, a multiply-add counted as 2 FLOPs (for MFU).
+
+        The DiT paper's "Gflops" count multiply-adds: its 23.0 for DiT-B/2 are 46.0 GFLOPs here. Counted: every
+        matmul (the patch convolution is one too) and the attention scores and mixing; not counted: norms,
+        activations, softmax (under 1% of the FLOPs, left out of MFU by convention). test_bench.py checks this against
+        torch.utils.flop_counter. A training step costs ~3x this (the backward pass is two matmuls per forward one).
+        """
+        T, C = self.pos_embed.shape[1:]                                          # tokens, width
+        weights = {m: m.weight.numel() for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        per_token = [self.x_embedder, self.final_layer.linear] + [
+            m for b in self.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp[0], b.mlp[2])]
+        macs = T * sum(weights.pop(m) for m in per_token)                       # applied to each of the T tokens
+        macs += sum(weights.values())                                            # embedders, adaLN: once per image
+        macs += len(self.blocks) * 2 * T * T * C                                 # q @ k^T and attn @ v
+        return 2 * macs
+
 
 # -----------------------------------------------------------------------------
 # Sine/cosine position embeddings (from MAE / DiT)
@@ -229,4 +246,5 @@ if __name__ == "__main__":
         x = torch.randn(2, 4, 32, 32)
         with torch.no_grad():
             v = model(x, torch.rand(2), torch.tensor([1.0, 1 / 128]), torch.randn(2, 512))
-        print(f"{name:9s} {n / 1e6:7.1f}M params  x {tuple(x.shape)} -> v {tuple(v.shape)}")
+        print(f"{name:9s} {n / 1e6:7.1f}M params {model.flops_per_image() / 1e9:6.1f} GFLOPs/image  "
+              f"x {tuple(x.shape)} -> v {tuple(v.shape)}")

@@ -10,6 +10,7 @@ Train a text-conditioned shortcut model (Frans et al. 2024): flow matching plus 
     torchrun --standalone --nproc_per_node=8 train.py --batch 64                   # DDP on the 8 GPUs of one machine
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
              train.py --batch 128                               # two machines: run on both, --node_rank=1 on the second
+    python train.py --batch 256 --compile                       # fastest on a GPU (bench.py measures it)
 
 Reads the dataset written by prepare_data.py (--data-dir), writes to --out: ckpt.pt (plain dict, loads with
 weights_only=True; written to a temporary file and renamed, so it is always complete), log.csv (loss,
@@ -19,7 +20,6 @@ stops training before it reaches the weights; an existing ckpt.pt is never overw
 """
 
 import argparse
-import contextlib
 import copy
 import csv
 import math
@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from model import DiT, DiT_models
 from prepare_data import encode_text, load_meta
-from sample import one_line_errors, read_checkpoint, steps_grid
+from sample import autocast, one_line_errors, read_checkpoint, steps_grid
 
 GRID_PROMPTS = ["a man with glasses", "a smiling woman with red hair", "a woman with blond hair",
                 "a bearded man with black hair", "a person with brown hair and glasses", "a smiling man"]
@@ -165,6 +165,7 @@ if __name__ == "__main__":
     parser.add_argument("--sample-every", type=positive_int, default=5000, help="checkpoint and grid PNG every N steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue --out/ckpt.pt where it stopped")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model and its EMA teacher")
     one_line_errors(parser)
     args = parser.parse_args()
 
@@ -185,7 +186,7 @@ if __name__ == "__main__":
     rows = slice(rank, None, world_size)  # this rank's rows of every global batch
 
     # --- device: bf16 autocast on CUDA; fp32 on CPU, where bf16 matmuls are very slow
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device != "cpu" else contextlib.nullcontext()
+    ctx = autocast(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # The same seed on every rank: each one draws the randomness of the whole global batch and keeps its rows
     torch.manual_seed(args.seed)
@@ -200,19 +201,23 @@ if __name__ == "__main__":
     def get_batch():
         k = rng.integers(len(features), size=args.batch)[rows]                 # random captions ...
         view = rng.integers(x1_all.shape[1], size=args.batch)[rows]            # ... and a random flip of each image
-        x1 = torch.from_numpy(x1_all[caption_image[k], view].astype(np.float32))
-        return x1.to(device), torch.from_numpy(features[k]).to(device)
+        x1, y = torch.from_numpy(x1_all[caption_image[k], view].astype(np.float32)), torch.from_numpy(features[k])
+        if device != "cpu":  # page-locked memory: the copies are asynchronous, the CPU goes on queueing work
+            x1, y = x1.pin_memory(), y.pin_memory()
+        return x1.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     # --- model, its EMA (the bootstrap teacher and the weights we sample with), optimizer
     model = DiT(**DiT_models[args.model], input_size=meta["shape"][1], in_channels=meta["shape"][0],
                 feature_dim=meta["feature_dim"]).to(device)
     model.y_embedder.set_feature_stats(torch.from_numpy(features).to(device))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    # compiled views share the parameters; we save and sample with the plain modules, so no "_orig_mod." keys
+    student, teacher = (torch.compile(model), torch.compile(ema)) if args.compile else (model, ema)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.999), fused=device != "cpu")
     # DDP averages the gradients of all ranks in backward, so every rank takes the same step: the weights and the
     # EMA (updated on every rank) stay identical everywhere. Checkpoints hold the unwrapped model.
-    ddp_model = DDP(model, device_ids=[local_rank] if device != "cpu" else None) if ddp else model
+    ddp_model = DDP(student, device_ids=[local_rank] if device != "cpu" else None) if ddp else student
     grid_y = torch.from_numpy(encode_text(GRID_PROMPTS, meta["text_encoder"], device)).to(device)
 
     # --- resume: the same command plus --resume continues exactly where ckpt.pt stopped: weights, EMA, AdamW
@@ -286,7 +291,7 @@ if __name__ == "__main__":
         keep = (torch.rand(args.batch, 1, device=device)[rows] >= args.cfg_dropout).float()
         y = y * keep  # caption dropout: zero rows are the null caption (classifier-free guidance)
         with ctx:
-            x_t, t, d, y, v_target = shortcut_targets(ema, x1, y, args.bootstrap_every, args.denoise_steps,
+            x_t, t, d, y, v_target = shortcut_targets(teacher, x1, y, args.bootstrap_every, args.denoise_steps,
                                                       rank, world_size)
             v = ddp_model(x_t, t, d, y)
         row_loss = F.mse_loss(v.float(), v_target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
