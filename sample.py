@@ -10,7 +10,6 @@ it also prints how many samples the attribute reader finds showing every attribu
 """
 
 import argparse
-import functools
 import math
 import os
 import re
@@ -19,7 +18,7 @@ import torch
 from torchvision.utils import save_image
 
 from model import DiT, DiT_models
-from prepare_data import encode_text, prompt_accuracy
+from prepare_data import encode_text, load_vae, prompt_accuracy
 
 
 @torch.no_grad()
@@ -60,12 +59,6 @@ def load_checkpoint(path, device):
     except Exception as e:  # truncated file, foreign pickle, missing keys, shape mismatch ...
         raise SystemExit(f"error: cannot load checkpoint {path}: {str(e).splitlines()[0]}")
     return model.eval(), ckpt
-
-
-@functools.lru_cache(maxsize=1)
-def load_vae(name, device):
-    from diffusers import AutoencoderKL  # only latent datasets need diffusers at sampling time
-    return AutoencoderKL.from_pretrained(name).to(device).eval()
 
 
 def to_images(x, meta):
@@ -126,6 +119,8 @@ if __name__ == "__main__":
     model, ckpt = load_checkpoint(args.ckpt, device)
     meta = ckpt["meta"]
     y = torch.from_numpy(encode_text(args.prompt, meta["text_encoder"], device)).to(device)  # (P, D)
+    if meta["vae"] != "none":
+        load_vae(meta["vae"], str(y.device))  # a missing VAE fails now, not after sampling
     flow_only = ckpt["args"]["bootstrap_every"] == 0
     images = steps_grid(model, y, args.steps, meta, n=args.n, seed=args.seed, cfg_scale=args.cfg, flow_only=flow_only)
 

@@ -26,7 +26,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from model import DiT, DiT_models
-from prepare_data import encode_text, load_meta
+from prepare_data import encode_text, load_meta, load_vae
 from sample import steps_grid
 
 GRID_PROMPTS = ["a man with glasses", "a smiling woman with red hair", "a woman with blond hair",
@@ -131,6 +131,8 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.999), fused=device == "cuda")
     grid_y = torch.from_numpy(encode_text(GRID_PROMPTS, meta["text_encoder"], device)).to(device)
+    if meta["vae"] != "none":
+        load_vae(meta["vae"], str(grid_y.device))  # a missing VAE fails now, not at the first grid
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, data {args.data_dir}: "
           f"{meta['num_images']} images {meta['shape']}, {meta['num_captions']} captions, device {device}")
 
