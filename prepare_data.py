@@ -456,14 +456,16 @@ def list_images(folder):
 def read_source(source, captions_per_image=4, seed=0):
     """Detect the layout of --source: (layout name, image paths, a list of captions per image).
 
-    metadata.jsonl         any image folder: {"file_name": "...", "text": "..." or ["...", ...]} per line
-    text/<name>.txt        MM-CelebA-HQ: one caption per line, images in CelebA-HQ-img/, images/ or the folder
-    CelebAMask-HQ-attribute-anno.txt + CelebA-HQ-img/    CelebAMask-HQ: captions from the 40 attributes
+    metadata.jsonl       any image folder: {"file_name": "...", "text": "..." or ["...", ...]} per line
+    <captions>/<name>.txt  MM-CelebA-HQ: one caption per line; <captions> is text/celeba-caption, celeba-caption
+                         or text; images in CelebA-HQ-img/, images/, image/images/ or the folder itself
+    CelebAMask-HQ-attribute-anno.txt + CelebA-HQ-img/    CelebAMask-HQ: captions made from the 40 attributes
     """
     if not os.path.isdir(source):
         raise SystemExit(f"error: source folder {source} not found: pass --source DIR, the folder that holds the images")
     at = lambda *p: os.path.join(source, *p)
     items = []  # (image path, [captions])
+    caption_dirs = [at(*d) for d in [("text", "celeba-caption"), ("celeba-caption",), ("text",)] if os.path.isdir(at(*d))]
     if os.path.isfile(at("metadata.jsonl")):
         layout = "metadata.jsonl"
         with open(at("metadata.jsonl")) as f:
@@ -477,11 +479,11 @@ def read_source(source, captions_per_image=4, seed=0):
                 except (ValueError, KeyError, TypeError):
                     raise SystemExit(f"error: {at('metadata.jsonl')} line {line_no}: expected "
                                      '{"file_name": "...", "text": "..." or [...]}') from None
-    elif os.path.isdir(at("text")):
+    elif caption_dirs:  # before the attributes: real captions beat template ones
         layout = "MM-CelebA-HQ"
-        folder = next((d for d in (at("CelebA-HQ-img"), at("images")) if list_images(d)), source)
+        folder = next((d for d in (at("CelebA-HQ-img"), at("images"), at("image", "images")) if list_images(d)), source)
         for name in list_images(folder):
-            txt = at("text", os.path.splitext(name)[0] + ".txt")
+            txt = os.path.join(caption_dirs[0], os.path.splitext(name)[0] + ".txt")
             if os.path.isfile(txt):
                 with open(txt) as f:
                     items.append((os.path.join(folder, name), [line.strip() for line in f if line.strip()]))
@@ -496,8 +498,8 @@ def read_source(source, captions_per_image=4, seed=0):
             true = {a for a, v in zip(names, values) if int(v) > 0}
             items.append((at("CelebA-HQ-img", file), celeba_captions(true, rng, captions_per_image)))
     else:
-        raise SystemExit(f"error: no known layout in {source}: expected metadata.jsonl, text/<name>.txt beside the "
-                         "images (MM-CelebA-HQ), or CelebA-HQ-img/ + CelebAMask-HQ-attribute-anno.txt (CelebAMask-HQ)")
+        raise SystemExit(f"error: no known layout in {source}: expected metadata.jsonl, celeba-caption/<name>.txt or "
+                         "text/<name>.txt (MM-CelebA-HQ), or CelebA-HQ-img/ + CelebAMask-HQ-attribute-anno.txt")
     items = [(path, text) for path, text in items if text]  # an image without a caption teaches nothing
     if not items:
         raise SystemExit(f"error: no captioned images found in {source} ({layout} layout)")
@@ -597,6 +599,7 @@ def prepare_images(out, source, vae="stabilityai/sd-vae-ft-mse", clip="openai/cl
                 skipped=int((~ok).sum()), seed=seed)
     kept_captions = [c for text, o in zip(captions, ok) if o for c in text]
     return write_dataset(out, np.load(final, mmap_mode="r+"), kept_captions, caption_image, features[keep], meta)
+
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -171,6 +171,18 @@ def test_corrupt_images_skipped_with_warning(models, tmp_path, capsys):
     assert [(c, i) for c, i in zip(captions, ci)] == [(c, k) for k, i in enumerate(kept) for c in texts[i]]
 
 
+def test_layout_detection(tmp_path):
+    src, _ = make_source(tmp_path, "CelebAMask-HQ")
+    assert pd.read_source(str(src))[0] == "CelebAMask-HQ"
+    (src / "celeba-caption").mkdir()  # MM-CelebA-HQ's captions moved into the CelebAMask-HQ folder: they win
+    for i in range(N):
+        (src / "celeba-caption" / f"{i}.txt").write_text(f"caption {i}\n")
+    layout, paths, captions = pd.read_source(str(src))
+    assert layout == "MM-CelebA-HQ" and captions == [[f"caption {i}"] for i in range(N)]
+    assert paths == [str(src / "CelebA-HQ-img" / f"{i}.jpg") for i in range(N)]
+    assert sorted(["10.jpg", "2.jpg", "1.jpg"], key=pd.natural_order) == ["1.jpg", "2.jpg", "10.jpg"]
+
+
 def test_missing_source_and_no_layout_are_one_clear_line(tmp_path):
     cli = [sys.executable, os.path.join(HERE, "prepare_data.py"), "--dataset", "celebahq", "--out", str(tmp_path / "o")]
     (tmp_path / "empty").mkdir()
