@@ -10,15 +10,24 @@ Because we drew them, a few pixel rules can read the attributes back from any im
     python prepare_data.py --n 2000 --out data/toyfaces_small
     python prepare_data.py --resolution 64 --out data/toyfaces64
 
+The paper's data set, "celebahq", is a folder of captioned photos (CelebAMask-HQ, MM-CelebA-HQ or any folder
+with a metadata.jsonl: read_source), encoded once by a frozen SD-VAE into 4x32x32 latents of each image and of
+its mirror image (V = 2 views), the captions by a frozen CLIP text encoder (README: "Train on CelebA-HQ"):
+
+    python prepare_data.py --dataset celebahq --source ~/CelebAMask-HQ       # data/celebahq, 256 px
+    python prepare_data.py --dataset celebahq --source DIR --vae /path/to/sd-vae-ft-mse --clip /path/to/clip
+
 Written to --out (meta.json last, so a half-written directory never looks complete):
-    x1.npy              float16 (N, V, C, H, W) in [-1, 1], what the model sees (V views)
+    x1.npy              float16 (N, V, C, H, W), what the model sees (V views): pixels in [-1, 1] (toyfaces)
+                        or VAE latents times the VAE's scaling_factor (celebahq)
     text_features.npy   float32 (K, D) text-encoder features, one row per caption
     caption_image.npy   int64 (K,) index into x1 of the image each caption describes
     captions.json       the K caption strings
     attributes.npy      int8 (N, 5) man, hair, glasses, smiling, beard (toyfaces only)
     clip/               a tiny random CLIP text encoder + tokenizer (toyfaces only)
     meta.json           shapes, names and "text_encoder": a directory inside --out
-                        ("clip"; load_meta makes it an absolute path) or a hub name
+                        ("clip"; load_meta makes it an absolute path) or a hub name;
+                        "vae" ("none", a hub name or a directory) and "latent_scale"
 
 # expected output of `python prepare_data.py` (about 15 s on 2 CPU cores):
 # wrote data/toyfaces: x1 (20000, 1, 3, 32, 32) float16 117.2 MiB, 80000 captions (276 distinct),
@@ -534,12 +543,12 @@ def local_or_hub(name):
 
 
 def prepare_images(out, source, vae="stabilityai/sd-vae-ft-mse", clip="openai/clip-vit-base-patch32", resolution=256,
-                   n=None, captions_per_image=4, batch_size=32, workers=4, seed=0):
+                   n=None, captions_per_image=4, batch_size=16, workers=4, seed=0):
     """Encode a folder of captioned images (layouts: read_source) into a latent data set. Returns its meta.
 
     x1[i, 0] = scaling_factor * the VAE posterior mean of image i, x1[i, 1] the same of its mirror image. The mean,
     not a sample: a cached sample would freeze one draw of the posterior noise into the data for every epoch
-    (DiT draws afresh each step), and for SD-VAE that noise is tiny next to the mean anyway.
+    (DiT, encoding on the fly, draws afresh each step); the mean is deterministic and reproducible.
     """
     layout, paths, captions = read_source(source, captions_per_image, seed)  # before importing torch: fails fast
     import torch
@@ -613,7 +622,7 @@ if __name__ == "__main__":
     p.add_argument("--source", help="folder of captioned images: CelebAMask-HQ, MM-CelebA-HQ or metadata.jsonl")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-mse", help="diffusers AutoencoderKL: hub name or local dir")
     p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP text encoder: hub name or local dir")
-    p.add_argument("--batch-size", type=int, default=32, help="images per VAE batch (each is encoded twice: both flips)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per VAE batch (each is encoded twice: both flips)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-reading processes")
     args = p.parse_args()
     out = args.out or os.path.join("data", args.dataset)
