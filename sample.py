@@ -11,7 +11,6 @@ it also prints how many samples the attribute reader finds showing every attribu
 
 import argparse
 import contextlib
-import functools
 import math
 import os
 import re
@@ -20,7 +19,7 @@ import torch
 from torchvision.utils import save_image
 
 from model import DiT, DiT_models
-from prepare_data import encode_text, prompt_accuracy
+from prepare_data import encode_text, load_vae, prompt_accuracy
 
 
 @torch.no_grad()
@@ -70,13 +69,6 @@ def load_checkpoint(path, device):
     except Exception as e:  # missing keys, shape mismatch ...
         raise SystemExit(f"error: cannot load checkpoint {path}: {str(e).splitlines()[0]}")
     return model.eval(), ckpt
-
-
-@functools.lru_cache(maxsize=1)
-def load_vae(name, device):
-    from diffusers import AutoencoderKL  # only latent datasets need diffusers at sampling time
-    vae = AutoencoderKL.from_pretrained(name).to(device).eval()
-    return vae.to(memory_format=torch.channels_last)  # NHWC: the layout cuDNN's fastest convolutions want
 
 
 def autocast(device):
@@ -145,6 +137,8 @@ if __name__ == "__main__":
     model, ckpt = load_checkpoint(args.ckpt, device)
     meta = ckpt["meta"]
     y = torch.from_numpy(encode_text(args.prompt, meta["text_encoder"], device)).to(device)  # (P, D)
+    if meta["vae"] != "none":
+        load_vae(meta["vae"], str(y.device))  # a missing VAE fails now, not after sampling
     flow_only = ckpt["args"]["bootstrap_every"] == 0
     with autocast(device):
         images = steps_grid(model, y, args.steps, meta, n=args.n, seed=args.seed, cfg_scale=args.cfg,

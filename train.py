@@ -36,7 +36,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from model import DiT, DiT_models
-from prepare_data import encode_text, load_meta
+from prepare_data import encode_text, load_meta, load_vae
 from sample import autocast, one_line_errors, read_checkpoint, steps_grid
 
 GRID_PROMPTS = ["a man with glasses", "a smiling woman with red hair", "a woman with blond hair",
@@ -219,6 +219,8 @@ if __name__ == "__main__":
     # EMA (updated on every rank) stay identical everywhere. Checkpoints hold the unwrapped model.
     ddp_model = DDP(student, device_ids=[local_rank] if device != "cpu" else None) if ddp else student
     grid_y = torch.from_numpy(encode_text(GRID_PROMPTS, meta["text_encoder"], device)).to(device)
+    if meta["vae"] != "none":
+        load_vae(meta["vae"], str(grid_y.device))  # a missing VAE fails now, not at the first grid
 
     # --- resume: the same command plus --resume continues exactly where ckpt.pt stopped: weights, EMA, AdamW
     #     moments, step, and the RNG states (batches are random draws, so the RNG state is the data order position)
