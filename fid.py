@@ -232,7 +232,7 @@ def reference_stats(data_dir, meta, n, inception, batch):
 
 
 @torch.no_grad()
-def evaluate(model, meta, feats, captions, steps, inception, batch, seed=0, cfg=1.0, flow_only=False):
+def evaluate(model, meta, feats, captions, steps, inception, batch, seed=0, cfg=1.0, model_d=None):
     """Samples one image per caption in `steps` steps -> (Inception (mu, sigma) or None, prompt accuracy or None)."""
     from sample import sample, to_images
     device = next(model.parameters()).device
@@ -241,7 +241,7 @@ def evaluate(model, meta, feats, captions, steps, inception, batch, seed=0, cfg=
     for i in tqdm(range(0, len(feats), batch), desc=f"{steps:3d} steps", leave=False):
         y = torch.from_numpy(np.asarray(feats[i:i + batch], np.float32)).to(device)
         noise = torch.randn(len(y), *meta["shape"], generator=g).to(device)
-        images = to_images(sample(model, noise, y, steps, cfg_scale=cfg, flow_only=flow_only), meta)
+        images = to_images(sample(model, noise, y, steps, cfg_scale=cfg, model_d=model_d), meta)
         if inception is not None:
             running.update(inception_features(images, inception))
         if meta["dataset"] == "toyfaces":
@@ -278,7 +278,7 @@ if __name__ == "__main__":
     import csv
     import json
 
-    from sample import load_checkpoint, one_line_errors, power_of_two_steps
+    from sample import load_checkpoint, one_line_errors, power_of_two_steps, told_step
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default="out/ckpt.pt")
@@ -298,7 +298,7 @@ if __name__ == "__main__":
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, ckpt = load_checkpoint(args.ckpt, device)
     meta, data_dir = ckpt["meta"], args.data_dir or ckpt["args"]["data_dir"]
-    flow_only = ckpt["args"].get("bootstrap_every", 8) == 0  # the flow-matching baseline: always told d = 1/128
+    model_d = told_step(ckpt["args"])  # the flow-matching baseline is always told the smallest step
     toyfaces = meta["dataset"] == "toyfaces"
     try:
         inception = load_inception(args.inception, device)
@@ -320,7 +320,7 @@ if __name__ == "__main__":
     results = []  # (steps, fid or None, accuracy or None)
     for steps in args.steps:
         stats, acc = evaluate(model, meta, feats, captions, steps, inception, args.batch, args.seed, args.cfg,
-                              flow_only)
+                              model_d)
         results.append((steps, None if stats is None else frechet_distance(*stats, mu_ref, sigma_ref), acc))
 
     print(f"\n{meta['dataset']}, N = {args.n} samples per row, cfg {args.cfg}, {args.ckpt} (EMA)"

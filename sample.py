@@ -23,18 +23,18 @@ from prepare_data import encode_text, load_vae, prompt_accuracy
 
 
 @torch.no_grad()
-def sample(model, noise, y, steps, cfg_scale=1.0, flow_only=False):
+def sample(model, noise, y, steps, cfg_scale=1.0, model_d=None):
     """Algorithm 2 of the paper: `steps` Euler steps of size d = 1/steps from noise (t = 0) to data (t = 1).
 
     The model is told the step size d, so with few steps it takes the learned shortcut instead of following
     the local flow direction. A flow-matching baseline (trained with --bootstrap-every 0) only ever saw the
-    smallest step, so with flow_only it is told d = 1/128 whatever step it takes: plain Euler on the flow.
+    smallest step, so it is told model_d = 1/128 whatever step it takes (see told_step): plain Euler on the flow.
     With cfg_scale = 1 this is exactly `steps` model calls; otherwise each call also evaluates the null
     caption (a batch twice as large) and extrapolates away from it.
     """
     x = noise                                                         # (B, C, H, W), x0 ~ N(0, I)
     B, d = x.shape[0], 1.0 / steps
-    d_vec = torch.full((B,), 1 / 128 if flow_only else d, device=x.device)
+    d_vec = torch.full((B,), d if model_d is None else model_d, device=x.device)
     for i in range(steps):
         t = torch.full((B,), i * d, device=x.device)
         if cfg_scale == 1.0:
@@ -79,6 +79,12 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
+def told_step(train_args):
+    """The step size d to tell a checkpoint's model: None (the step it takes) for a shortcut model; a flow-matching
+    baseline (--bootstrap-every 0) only ever saw the smallest step, 1/denoise_steps."""
+    return 1 / train_args["denoise_steps"] if train_args["bootstrap_every"] == 0 else None
+
+
 def to_images(x, meta):
     """Model space -> RGB in [0, 1], (B, 3, H, W): toyfaces are pixels in [-1, 1]; latents go through the VAE."""
     if meta["vae"] != "none":
@@ -87,7 +93,7 @@ def to_images(x, meta):
 
 
 @torch.no_grad()
-def steps_grid(model, y, steps_list, meta, n=1, seed=0, cfg_scale=1.0, flow_only=False):
+def steps_grid(model, y, steps_list, meta, n=1, seed=0, cfg_scale=1.0, model_d=None):
     """Samples n seeds per text feature at every step count, the same noise in every column.
     y: (P, D) -> images (P, n, S, 3, H, W) in [0, 1]."""
     device = y.device
@@ -95,7 +101,7 @@ def steps_grid(model, y, steps_list, meta, n=1, seed=0, cfg_scale=1.0, flow_only
     noise = torch.randn(n, *meta["shape"], generator=g).to(device)              # (n, C, H, W)
     noise = noise.repeat(y.shape[0], 1, 1, 1)                                    # (P*n, C, H, W)
     y = y.repeat_interleave(n, dim=0)                                            # (P*n, D)
-    cols = [to_images(sample(model, noise, y, s, cfg_scale, flow_only), meta) for s in steps_list]
+    cols = [to_images(sample(model, noise, y, s, cfg_scale, model_d), meta) for s in steps_list]
     return torch.stack(cols, dim=1).view(-1, n, len(steps_list), *cols[0].shape[1:])
 
 
@@ -139,10 +145,9 @@ if __name__ == "__main__":
     y = torch.from_numpy(encode_text(args.prompt, meta["text_encoder"], device)).to(device)  # (P, D)
     if meta["vae"] != "none":
         load_vae(meta["vae"], str(y.device))  # a missing VAE fails now, not after sampling
-    flow_only = ckpt["args"]["bootstrap_every"] == 0
     with autocast(device):
         images = steps_grid(model, y, args.steps, meta, n=args.n, seed=args.seed, cfg_scale=args.cfg,
-                            flow_only=flow_only)
+                            model_d=told_step(ckpt["args"]))
 
     os.makedirs(args.out, exist_ok=True)
     steps_name = "-".join(map(str, args.steps))

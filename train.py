@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from model import DiT, DiT_models
 from prepare_data import encode_text, load_meta, load_vae
-from sample import autocast, one_line_errors, read_checkpoint, steps_grid
+from sample import autocast, one_line_errors, read_checkpoint, steps_grid, told_step
 
 GRID_PROMPTS = ["a man with glasses", "a smiling woman with red hair", "a woman with blond hair",
                 "a bearded man with black hair", "a person with brown hair and glasses", "a smiling man"]
@@ -278,7 +278,7 @@ if __name__ == "__main__":
                 save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(),
                                  "optimizer": optimizer.state_dict(), "step": step, "rng": rng_states,
                                  "args": vars(args), "meta": meta, "text_encoder": meta["text_encoder"]}, ckpt_path)
-                images = steps_grid(ema, grid_y, GRID_STEPS, meta, flow_only=args.bootstrap_every == 0)  # (P, 1, S, 3, H, W)
+                images = steps_grid(ema, grid_y, GRID_STEPS, meta, model_d=told_step(vars(args)))  # (P, 1, S, 3, H, W)
                 save_image(images.flatten(0, 2), os.path.join(args.out, f"grid_{step:06d}.png"),
                            nrow=len(GRID_STEPS), padding=1)
             saved = step
