@@ -75,12 +75,16 @@ def face_coords(res, cx, cy, s):
 
 
 def draw_faces(attrs, rng, res=32):
-    """Draw one face per attribute row; nuisance (position, scale, skin, background,
-    exact hair shade) is sampled from rng. Returns uint8 (N, res, res, 3)."""
+    """Draw one face per attribute row; the nuisance is sampled from rng: skin tone, background colour and
+    the exact hair shade. Returns uint8 (N, res, res, 3).
+
+    Every face has the same place and size. Moving it costs the quickstart's 1.4M-parameter model most of its
+    capacity: with shifts of up to 2 pixels and a +-10% size jitter the 11-minute CPU run never drew a face
+    clean enough for read_attributes (0% at 1 and 128 steps), and even with shifts by whole 4-pixel patches it
+    read 0% at 128 steps after 1,500 steps, where centred faces read 39%."""
     n = len(attrs)
     man, glasses, smiling, beard = (attrs[:, i].astype(bool) for i in (0, 2, 3, 4))
-    cx, cy = 16 + rng.uniform(-2, 2, n), 17 + rng.uniform(-2, 2, n)
-    s = rng.uniform(0.9, 1.1, n)
+    cx, cy, s = np.full(n, 16.0), np.full(n, 17.0), np.ones(n)  # face centre and size, 32x32 units
     skin = SKIN_LIGHT + rng.random((n, 1)) * (SKIN_DARK - SKIN_LIGHT)
     bg = BACKGROUNDS[rng.integers(0, len(BACKGROUNDS), n)] + rng.uniform(-15, 15, (n, 3))
     haircol = HAIR[attrs[:, 1]] + rng.uniform(-8, 8, (n, 3))

@@ -2,6 +2,7 @@
 Train a text-conditioned shortcut model (Frans et al. 2024): flow matching plus self-consistency targets.
 
     python train.py --batch 64                                  # the paper's setting: DiT-B/2, lr 1e-4, EMA 0.999
+                                                                # (on data/celebahq once prepared, else toyfaces)
     python train.py --model DiT-T/4 --lr 1e-3 --ema-decay 0.99 --lr-schedule cosine --bootstrap-every 4 \
                     --max-steps 2500 --sample-every 500                       # toyfaces on a 2-core CPU, ~11 min
     python train.py --bootstrap-every 0 ...                     # the flow-matching baseline, same script
@@ -148,7 +149,8 @@ def positive_int(s):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="data/toyfaces")
+    parser.add_argument("--data-dir", default=None, help="default: data/celebahq once prepared (the paper's "
+                        "setting), else data/toyfaces")
     parser.add_argument("--out", default="out")
     parser.add_argument("--model", default="DiT-B/2", choices=list(DiT_models))
     parser.add_argument("--batch", type=positive_int, default=64, help="global batch, split across DDP processes")
@@ -168,6 +170,8 @@ if __name__ == "__main__":
     parser.add_argument("--compile", action="store_true", help="torch.compile the model and its EMA teacher")
     one_line_errors(parser)
     args = parser.parse_args()
+    if args.data_dir is None:
+        args.data_dir = "data/celebahq" if os.path.exists("data/celebahq/meta.json") else "data/toyfaces"
 
     # --- DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process
     ddp = "RANK" in os.environ
