@@ -129,11 +129,16 @@ class FinalLayer(nn.Module):
 # -----------------------------------------------------------------------------
 # The model
 
+X_PRED_MIN_1MT = 0.05  # --predict x: the floor on 1 - t (as in Li & He 2025, "Back to Basics: Let Denoising
+                       # Generative Models Denoise"); the loss on v weighs an error in x1 by 1 / (1 - t)^2 <= 400
+
 class DiT(nn.Module):
     def __init__(self, input_size=32, in_channels=4, feature_dim=512,
-                 hidden_size=768, depth=12, num_heads=12, patch_size=2, mlp_ratio=4.0):
+                 hidden_size=768, depth=12, num_heads=12, patch_size=2, mlp_ratio=4.0, predict="v"):
         super().__init__()
+        assert predict in ("v", "x"), predict
         self.input_size, self.in_channels, self.feature_dim = input_size, in_channels, feature_dim
+        self.predict = predict  # what the last layer outputs: the velocity (the paper) or the clean image x1
         self.patch_size, self.num_heads = patch_size, num_heads
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = ScalarEmbedder(hidden_size, scale=1000.0)  # t in [0, 1]
@@ -160,8 +165,8 @@ class DiT(nn.Module):
         for mlp in (self.t_embedder.mlp, self.d_embedder.mlp, self.y_embedder.proj):
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity and the output starts at zero,
-        # so an untrained model predicts v = 0 (a stable start for the bootstrap teacher too).
+        # adaLN-Zero: every block starts as the identity and the output starts at zero, so an untrained model
+        # predicts v = 0 (or x1 = 0 with predict="x"): a stable start for the bootstrap teacher too.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -177,15 +182,22 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, d, y):
-        """x: (B, C, H, W) x_t; t: (B,) in [0, 1]; d: (B,) step size in [1/128, 1]; y: (B, D), zero rows = null.
-        Returns the predicted velocity (B, C, H, W)."""
-        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed     # (B, T, C), T = (H/p)*(W/p)
+    def forward(self, x_t, t, d, y):
+        """x_t: (B, C, H, W); t: (B,) in [0, 1]; d: (B,) step size in [1/128, 1]; y: (B, D), zero rows = null.
+        Returns the predicted velocity (B, C, H, W), whatever the last layer predicts."""
+        x = self.x_embedder(x_t).flatten(2).transpose(1, 2) + self.pos_embed   # (B, T, C), T = (H/p)*(W/p)
         c = self.t_embedder(t) + self.d_embedder(d) + self.y_embedder(y)       # (B, C)
         for block in self.blocks:
             x = block(x, c)                                                      # (B, T, C)
         x = self.final_layer(x, c)                                               # (B, T, p*p*C_in)
-        return self.unpatchify(x)                                                # (B, C_in, H, W)
+        out = self.unpatchify(x)                                                 # (B, C_in, H, W)
+        if self.predict == "v":
+            return out
+        # x-prediction: out is the clean image x1, and the velocity follows from x_t = t*x1 + (1 - t)*x0:
+        # v = x1 - x0 = (x1 - x_t) / (1 - t). The noise in x_t bypasses the network, so a 1-step sample
+        # x0 + v = out is as clean as the image the network draws, instead of x0 minus an imperfect copy of x0
+        # (grain). 1 - t is floored at X_PRED_MIN_1MT so the loss, still taken on v, stays bounded near t = 1.
+        return (out - x_t) / (1 - t).clamp(min=X_PRED_MIN_1MT).view(-1, 1, 1, 1)
 
     def flops_per_image(self):
         """FLOPs of one forward pass for one image, a multiply-add counted as 2 FLOPs (for MFU).

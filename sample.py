@@ -64,7 +64,7 @@ def load_checkpoint(path, device):
     try:
         meta, args = ckpt["meta"], ckpt["args"]
         model = DiT(**DiT_models[args["model"]], input_size=meta["shape"][1], in_channels=meta["shape"][0],
-                    feature_dim=meta["feature_dim"]).to(device)
+                    feature_dim=meta["feature_dim"], predict=args.get("predict", "v")).to(device)
         model.load_state_dict(ckpt["ema"])  # the EMA weights are the ones to sample with
     except Exception as e:  # missing keys, shape mismatch ...
         raise SystemExit(f"error: cannot load checkpoint {path}: {str(e).splitlines()[0]}")

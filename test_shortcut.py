@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from model import DiT, DiT_models
-from sample import parse_args, sample
+from model import X_PRED_MIN_1MT, DiT, DiT_models
+from sample import load_checkpoint, parse_args, sample
 from train import shortcut_targets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,6 +93,13 @@ def test_model_shapes_zero_init_and_null_caption():
     v = model(x, t, d, y)
     assert v.shape == x.shape
     assert torch.all(v == 0)  # adaLN-Zero: an untrained model predicts zero velocity
+    # x-prediction: the untrained network draws x1 = 0, so v = (0 - x_t) / (1 - t), and a 1-step sample
+    # x0 + v is exactly that drawing: the noise x0 cancels instead of passing through the network
+    model.predict = "x"
+    torch.testing.assert_close(model(x, t, d, y), -x / (1 - t).clamp(min=X_PRED_MIN_1MT).view(-1, 1, 1, 1))
+    t0 = torch.zeros(4)
+    assert torch.equal(x + 1.0 * model(x, t0, torch.ones(4), y), torch.zeros_like(x))
+    model.predict = "v"
     # zero rows select the learned null embedding, others go through the projection
     emb = model.y_embedder
     torch.nn.init.normal_(emb.null)
@@ -150,7 +157,8 @@ def trained(tmp_path_factory):
     r = run(os.path.join(HERE, "prepare_data.py"), "--n", "512", "--out", "data", cwd=root)
     assert r.returncode == 0, r.stderr
     r = run(os.path.join(HERE, "train.py"), "--data-dir", "data", "--out", "out", "--model", "DiT-T/4", "--batch", "32",
-            "--lr", "1e-3", "--max-steps", "120", "--log-every", "10", "--sample-every", "60", cwd=root)
+            "--lr", "1e-3", "--predict", "x", "--max-steps", "120", "--log-every", "10", "--sample-every", "60",
+            cwd=root)
     assert r.returncode == 0, r.stderr
     return root
 
@@ -163,6 +171,7 @@ def test_train_loss_falls_and_writes_grid_and_checkpoint(trained):
     assert (trained / "out" / "grid_000060.png").exists() and (trained / "out" / "grid_000120.png").exists()
     ckpt = torch.load(trained / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 120 and {"model", "ema", "optimizer", "args", "meta", "text_encoder"} <= set(ckpt)
+    assert load_checkpoint(trained / "out" / "ckpt.pt", "cpu")[0].predict == "x"  # sampled as it was trained
 
 
 def test_sample_cli_writes_png(trained):

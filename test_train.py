@@ -245,10 +245,12 @@ BAD = {
     "--resume truncated checkpoint": (truncated_checkpoint, "cannot load checkpoint"),
     "--resume older checkpoint": (checkpoint_without_rng, "cannot resume from"),
     "--resume other model": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--model", "DiT-T/2"],
-                             "is DiT-T/4 on [3, 16, 16] data with 64-dim text features, this run is DiT-T/2 on "
-                             "[3, 16, 16] with 64-dim"),
-    "--resume other data shape": (other_resolution, "is DiT-T/4 on [3, 16, 16] data with 64-dim text features, "
-                                                    "this run is DiT-T/4 on [3, 8, 8] with 64-dim"),
+                             "is DiT-T/4 --predict v on [3, 16, 16] data with 64-dim text features, this run is "
+                             "DiT-T/2 --predict v on [3, 16, 16] with 64-dim"),
+    "--resume other prediction": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--predict", "x"],
+                                  "this run is DiT-T/4 --predict x on"),
+    "--resume other data shape": (other_resolution, "is DiT-T/4 --predict v on [3, 16, 16] data with 64-dim text "
+                                                    "features, this run is DiT-T/4 --predict v on [3, 8, 8] with 64-dim"),
 }
 
 

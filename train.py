@@ -3,8 +3,8 @@ Train a text-conditioned shortcut model (Frans et al. 2024): flow matching plus 
 
     python train.py --batch 64                                  # the paper's setting: DiT-B/2, lr 1e-4, EMA 0.999
                                                                 # (on data/celebahq once prepared, else toyfaces)
-    python train.py --model DiT-T/4 --lr 1e-3 --ema-decay 0.99 --lr-schedule cosine --bootstrap-every 4 \
-                    --max-steps 2500 --sample-every 500                       # toyfaces on a 2-core CPU, ~11 min
+    python train.py --model DiT-T/4 --lr 1e-3 --ema-decay 0.99 --lr-schedule cosine --bootstrap-every 4 --predict x \
+                    --max-steps 3000 --sample-every 500                       # toyfaces on a 2-core CPU, ~13 min
     python train.py --bootstrap-every 0 ...                     # the flow-matching baseline, same script
     python train.py ... --resume                                # after a crash: the same command plus --resume
                                                                 # continues out/ckpt.pt (bit for bit on a CPU)
@@ -154,6 +154,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="out")
     parser.add_argument("--model", default="DiT-B/2", choices=list(DiT_models))
     parser.add_argument("--batch", type=positive_int, default=64, help="global batch, split across DDP processes")
+    parser.add_argument("--predict", default="v", choices=["v", "x"],
+                        help="the network outputs the velocity (the paper) or the clean image (small models, pixels)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                         help="constant (the paper) or cosine decay to 0 at --max-steps (short runs)")
@@ -212,7 +214,7 @@ if __name__ == "__main__":
 
     # --- model, its EMA (the bootstrap teacher and the weights we sample with), optimizer
     model = DiT(**DiT_models[args.model], input_size=meta["shape"][1], in_channels=meta["shape"][0],
-                feature_dim=meta["feature_dim"]).to(device)
+                feature_dim=meta["feature_dim"], predict=args.predict).to(device)
     model.y_embedder.set_feature_stats(torch.from_numpy(features).to(device))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     # compiled views share the parameters; we save and sample with the plain modules, so no "_orig_mod." keys
@@ -232,12 +234,13 @@ if __name__ == "__main__":
     if args.resume:
         ckpt = read_checkpoint(ckpt_path, "cpu")  # on the CPU: RNG states must be CPU tensors
         try:
-            theirs = (ckpt["args"]["model"], ckpt["meta"]["shape"], ckpt["meta"]["feature_dim"])
-            ours = (args.model, meta["shape"], meta["feature_dim"])
+            theirs = (f"{ckpt['args']['model']} --predict {ckpt['args'].get('predict', 'v')}", ckpt["meta"]["shape"],
+                      ckpt["meta"]["feature_dim"])
+            ours = (f"{args.model} --predict {args.predict}", meta["shape"], meta["feature_dim"])
             if theirs != ours:
                 raise SystemExit(f"error: {ckpt_path} is {theirs[0]} on {theirs[1]} data with {theirs[2]}-dim text "
                                  f"features, this run is {ours[0]} on {ours[1]} with {ours[2]}-dim: resume with "
-                                 "the --model and --data-dir it was trained with")
+                                 "the --model, --predict and --data-dir it was trained with")
             if ckpt["step"] > args.max_steps:
                 parser.error(f"{ckpt_path} is at step {ckpt['step']}, beyond --max-steps {args.max_steps}")
             model.load_state_dict(ckpt["model"])
