@@ -44,12 +44,15 @@ LATENT_SCALE = 0.18215
 
 PRESETS = {
     # the paper's model on 256 px images (32x32x4 SD-VAE latents), 512-d CLIP text features, batch 256
-    "DiT-B/2": dict(model="DiT-B/2", image_size=256, vae=SD_VAE, feature_dim=512, batch=256, bootstrap_every=8),
+    "DiT-B/2": dict(model="DiT-B/2", image_size=256, vae=SD_VAE, feature_dim=512, batch=256, bootstrap_every=8,
+                    predict="v"),
     # the same code paths small enough for a CPU: 64 px images, a 3-level VAE -> 16x16x4 latents, 64 tokens
     "tiny": dict(model="DiT-T/2", image_size=64, vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1),
-                 feature_dim=64, batch=64, bootstrap_every=8),
-    # the CPU quickstart's training step: toyfaces are 32 px pixels (no VAE), DiT-T/4, batch 64, --bootstrap-every 4
-    "toyfaces": dict(model="DiT-T/4", image_size=32, vae=None, feature_dim=64, batch=64, bootstrap_every=4),
+                 feature_dim=64, batch=64, bootstrap_every=8, predict="v"),
+    # the CPU quickstart's training step: toyfaces are 32 px pixels (no VAE), DiT-T/4, batch 64, --bootstrap-every 4,
+    # --predict x
+    "toyfaces": dict(model="DiT-T/4", image_size=32, vae=None, feature_dim=64, batch=64, bootstrap_every=4,
+                     predict="x"),
 }
 
 # dense bf16 tensor-core peak of the GPUs we know, TFLOP/s (H100/H200 SXM: 989; their sparse figure is twice that);
@@ -142,7 +145,7 @@ def bench_train(cfg, shape, device, iters, warmup, naive, compile, vae=None):
     for-loop AdamW, the VAE encodes the images every step); otherwise train.py's."""
     B = cfg["batch"]
     model = DiT(**DiT_models[cfg["model"]], input_size=shape[1], in_channels=shape[0],
-                feature_dim=cfg["feature_dim"]).to(device)
+                feature_dim=cfg["feature_dim"], predict=cfg["predict"]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999),
                                   **(dict(foreach=False) if naive else dict(fused=device == "cuda")))
     step = make_train_step(model, optimizer, cfg["bootstrap_every"],
@@ -291,7 +294,7 @@ def main(argv=None):
 
     # --- sampling: 1 and 4 steps at batch 1 and at the large batch, DiT and VAE decode timed apart
     model = DiT(**DiT_models[cfg["model"]], input_size=shape[1], in_channels=shape[0],
-                feature_dim=cfg["feature_dim"]).to(device).eval()
+                feature_dim=cfg["feature_dim"], predict=cfg["predict"]).to(device).eval()
     for p in model.parameters():  # not adaLN-Zero's zero output: decode real-looking latents
         torch.nn.init.normal_(p, std=0.02)
     sampler = torch.compile(model) if args.compile else model
