@@ -3,7 +3,7 @@ Train a text-conditioned shortcut model (Frans et al. 2024): flow matching plus 
 
     python train.py --batch 64                                  # the paper's setting: DiT-B/2, lr 1e-4, EMA 0.999
                                                                 # (on data/celebahq once prepared, else toyfaces)
-    python train.py --model DiT-T/4 --lr 1e-3 --ema-decay 0.99 --lr-schedule cosine --bootstrap-every 4 --predict x \
+    python train.py --model DiT-T/4 --lr 3e-3 --ema-decay 0.99 --lr-schedule cosine --bootstrap-every 4 --predict x \
                     --max-steps 3000 --sample-every 500                       # toyfaces on a 2-core CPU, ~13 min
     python train.py --bootstrap-every 0 ...                     # the flow-matching baseline, same script
     python train.py ... --resume                                # after a crash: the same command plus --resume
