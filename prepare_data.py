@@ -109,12 +109,10 @@ def draw_faces(attrs, rng, res=32):
         paint((ex < 1.2) & (ey < 1), DARK)
         ring = (ex < 3.2) & (ey < 2.6) & ~((ex < 2) & (ey < 1.5))  # the two rings touch: a bridge
         paint(ring & m(glasses), DARK)
-        # a smile is an open mouth (a lower half ellipse) whose upper lip lies where the closed mouth's line is, so
-        # the two mouths share red pixels: a face undecided between them (1-step samples) still has a mouth
-        grin = ((x / 4) ** 2 + ((y - 4) / 2.6) ** 2 < 1) & (y > 3.9)
+        grin = ((x / 4) ** 2 + ((y - 3.5) / 3) ** 2 < 1) & (y > 3.5)  # open mouth, lower half ellipse
         paint(grin & m(smiling), RED)
-        paint(grin & (y > 4.9) & (y < 6) & (np.abs(x) < 3) & m(smiling), WHITE)  # teeth, below the upper lip
-        paint((np.abs(x) < 2.5) & (np.abs(y - 4.5) < 0.6) & ~m(smiling), RED)  # closed mouth: a line
+        paint(grin & (y < 4.9) & m(smiling), WHITE)  # teeth
+        paint((np.abs(x) < 2.5) & (np.abs(y - 4.5) < 0.6) & ~m(smiling), RED)  # neutral line
         out[j] = np.clip(img, 0, 255).round().astype(np.uint8)
     return out
 
