@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fid import FIDInceptionV3, compute_stats, frechet_distance, inception_features
 from model import DiT, DiT_models
 from sample import autocast, sample, to_images
-from train import shortcut_targets
+from train import meanflow_targets, shortcut_targets
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)  # stabilityai/sd-vae-ft-mse's config
 LATENT_SCALE = 0.18215
@@ -109,19 +109,24 @@ def plain_mode():
 # -----------------------------------------------------------------------------
 # the work being timed
 
-def make_train_step(model, optimizer, bootstrap_every, ctx, compile=False, ema_decay=0.999):
+def make_train_step(model, optimizer, bootstrap_every, ctx, compile=False, ema_decay=0.999, objective="shortcut"):
     """train.py's training step (without caption dropout, logging and checkpoints) as a function (x1, y) -> loss.
     The teacher's two half steps are sequential (the second starts where the first ends), so each is already one
-    batched call over all bootstrap rows and levels, without gradient, in the same autocast as the student."""
+    batched call over all bootstrap rows and levels, without gradient, in the same autocast as the student.
+    objective="meanflow": one JVP of the online model on the interval rows instead, and the adaptive weight."""
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     student, teacher = (torch.compile(model), torch.compile(ema)) if compile else (model, ema)
     params, ema_params = list(model.parameters()), list(ema.parameters())
 
     def step(x1, y):
         with ctx:
-            x_t, t, d, y, v_target = shortcut_targets(teacher, x1, y, bootstrap_every)
+            if objective == "meanflow":
+                x_t, t, d, y, v_target = meanflow_targets(model, x1, y)
+            else:
+                x_t, t, d, y, v_target = shortcut_targets(teacher, x1, y, bootstrap_every)
             v = student(x_t, t, d, y)
-        loss = F.mse_loss(v.float(), v_target.float())
+        row_loss = F.mse_loss(v.float(), v_target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = (row_loss / (row_loss.detach() + 1e-3) if objective == "meanflow" else row_loss).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -140,7 +145,7 @@ def build_vae(cfg, image_size):
                          latent_channels=4, sample_size=image_size, **cfg).eval().requires_grad_(False)
 
 
-def bench_train(cfg, shape, device, iters, warmup, naive, compile, vae=None):
+def bench_train(cfg, shape, device, iters, warmup, naive, compile, vae=None, objective="shortcut"):
     """-> (seconds per step, peak GPU memory in GiB or None). naive: the --baseline way (fp32, plain attention,
     for-loop AdamW, the VAE encodes the images every step); otherwise train.py's."""
     B = cfg["batch"]
@@ -148,8 +153,8 @@ def bench_train(cfg, shape, device, iters, warmup, naive, compile, vae=None):
                 feature_dim=cfg["feature_dim"], predict=cfg["predict"]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999),
                                   **(dict(foreach=False) if naive else dict(fused=device == "cuda")))
-    step = make_train_step(model, optimizer, cfg["bootstrap_every"],
-                           contextlib.nullcontext() if naive else autocast(device), compile=compile and not naive)
+    step = make_train_step(model, optimizer, cfg["bootstrap_every"], contextlib.nullcontext() if naive else
+                           autocast(device), compile=compile and not naive, objective=objective)
     y = torch.randn(B, cfg["feature_dim"], device=device)
     if naive and vae is not None:  # pixels -> latents at every step, as the seed reimplementations do
         images = torch.rand(B, 3, cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
@@ -281,6 +286,13 @@ def main(argv=None):
                + (f", peak memory {mem:.1f} GiB" if mem is not None else ""),
                img_per_s=B / sec, step_ms=sec * 1e3, tflops=tflops, mfu=tflops / peak if peak else None,
                peak_mem_gib=mem)
+    out = guarded("train_meanflow", lambda: bench_train(cfg, shape, device, iters, warmup, naive=False,
+                                                        compile=args.compile, objective="meanflow"))
+    if out and "step_ms" in results["train"]:
+        ratio = out[0] / results["train"]["step_ms"] * 1e3
+        report("train_meanflow", f"batch {B}: {B / out[0]:,.1f} img/s ({out[0] * 1e3:.1f} ms/step: --objective "
+               f"meanflow, one JVP on 1/4 of the rows) = {ratio:.2f}x the shortcut step's time",
+               img_per_s=B / out[0], step_ms=out[0] * 1e3, vs_shortcut=ratio)
     if args.baseline:
         out = guarded("train_baseline", lambda: bench_train(cfg, shape, device, iters, min(warmup, 2), naive=True,
                                                             compile=False, vae=vae))

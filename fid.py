@@ -206,11 +206,10 @@ def inception_stats(image_batches, inception, total=None, desc="inception"):
 # Frechet-distance code above can be used on its own.
 
 
-def count_correct(images, captions):
-    """How many samples are faces showing every attribute their caption names (toyfaces' pixel reader)."""
-    from prepare_data import read_attributes, shows
-    pixels = (images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3) uint8
-    return sum(shows(r, c) for r, c in zip(read_attributes(pixels), captions))
+def read_samples(images):
+    """toyfaces' attribute reader on a batch of samples in [0, 1] (B, 3, H, W): a dict per face, None otherwise."""
+    from toyfaces import read_attributes
+    return read_attributes((images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
 
 
 def reference_stats(data_dir, meta, n, inception, batch):
@@ -232,11 +231,14 @@ def reference_stats(data_dir, meta, n, inception, batch):
 
 
 @torch.no_grad()
-def evaluate(model, meta, feats, captions, steps, inception, batch, seed=0, cfg=1.0, model_d=None):
-    """Samples one image per caption in `steps` steps -> (Inception (mu, sigma) or None, prompt accuracy or None)."""
+def evaluate(model, meta, feats, captions, steps, inception, batch, seed=0, cfg=1.0, model_d=None, dist=None):
+    """Samples one image per caption in `steps` steps -> (Inception (mu, sigma) or None, prompt accuracy or None,
+    diversity or None). On toyfaces: accuracy is the fraction showing every attribute its caption names,
+    diversity the largest total variation of an open attribute from the data's (toyfaces.open_attribute_tv)."""
     from sample import sample, to_images
+    from toyfaces import open_attribute_tv, shows
     device = next(model.parameters()).device
-    running, correct = RunningStats(), 0
+    running, reads = RunningStats(), []
     g = torch.Generator().manual_seed(seed)  # the same noise at every step count: only the step count differs
     for i in tqdm(range(0, len(feats), batch), desc=f"{steps:3d} steps", leave=False):
         y = torch.from_numpy(np.asarray(feats[i:i + batch], np.float32)).to(device)
@@ -245,40 +247,19 @@ def evaluate(model, meta, feats, captions, steps, inception, batch, seed=0, cfg=
         if inception is not None:
             running.update(inception_features(images, inception))
         if meta["dataset"] == "toyfaces":
-            correct += count_correct(images, captions[i:i + batch])
+            reads += read_samples(images)
+    if meta["dataset"] != "toyfaces":
+        return running.stats() if inception is not None else None, None, None
+    tv = open_attribute_tv(reads, captions, dist)
     return (running.stats() if inception is not None else None,
-            correct / len(feats) if meta["dataset"] == "toyfaces" else None)
-
-
-def save_plot(path, steps, columns):
-    """One small line plot per metric, steps on a log2 axis. Drawn with Pillow (a torchvision dependency),
-    since matplotlib is not one of this repo's requirements."""
-    from PIL import Image, ImageDraw
-    W, H, pad = 480, 220, 45
-    img = Image.new("RGB", (W, H * len(columns)), "white")
-    draw = ImageDraw.Draw(img)
-    xs = np.log2(steps)
-    for row, (name, ys) in enumerate(columns.items()):
-        top, lo, hi = row * H, min(ys), max(max(ys), min(ys) + 1e-9)  # a flat line must not divide by 0
-        px = lambda x: pad + (x - xs.min()) / max(xs.max() - xs.min(), 1) * (W - 2 * pad)
-        py = lambda y: top + H - pad - (y - lo) / (hi - lo) * (H - 2 * pad)
-        draw.rectangle([pad, top + pad, W - pad, top + H - pad], outline="gray")
-        draw.text((pad, top + 10), f"{name} vs sampling steps", fill="black")
-        if len(xs) > 1:
-            draw.line([(px(x), py(y)) for x, y in zip(xs, ys)], fill="blue", width=2)
-        for x, s, y in zip(xs, steps, ys):
-            draw.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill="blue")
-            draw.text((px(x) - 4, top + H - pad + 6), str(s), fill="black")
-        for y in (lo, hi):
-            draw.text((3, py(y) - 5), f"{y:.3g}", fill="black")
-    img.save(path)
+            float(np.mean([shows(r, c) for r, c in zip(reads, captions)])), max(tv.values(), default=float("nan")))
 
 
 if __name__ == "__main__":
     import csv
     import json
 
-    from sample import load_checkpoint, one_line_errors, power_of_two_steps, told_step
+    from sample import load_checkpoint, one_line_errors, power_of_two_steps, save_plot, told_step
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default="out/ckpt.pt")
@@ -317,22 +298,28 @@ if __name__ == "__main__":
     rows = np.random.default_rng(args.seed).choice(len(feats), size=args.n, replace=args.n > len(feats))
     feats, captions = feats[np.sort(rows)], [all_captions[k] for k in np.sort(rows)]
 
-    results = []  # (steps, fid or None, accuracy or None)
+    dist = None
+    if toyfaces:
+        from toyfaces import data_distribution
+        dist = data_distribution(data_dir, captions)
+    results = []  # (steps, fid or None, accuracy or None, diversity or None)
     for steps in args.steps:
-        stats, acc = evaluate(model, meta, feats, captions, steps, inception, args.batch, args.seed, args.cfg,
-                              model_d)
-        results.append((steps, None if stats is None else frechet_distance(*stats, mu_ref, sigma_ref), acc))
+        stats, acc, tv = evaluate(model, meta, feats, captions, steps, inception, args.batch, args.seed, args.cfg,
+                                  model_d, dist)
+        results.append((steps, None if stats is None else frechet_distance(*stats, mu_ref, sigma_ref), acc, tv))
 
     print(f"\n{meta['dataset']}, N = {args.n} samples per row, cfg {args.cfg}, {args.ckpt} (EMA)"
           + (f", reference {ref_path}" if inception is not None else ""))
-    print("steps" + ("       FID" if inception is not None else "") + ("  accuracy" if toyfaces else ""))
-    for steps, fd, acc in results:
-        print(f"{steps:5d}" + (f"{fd:10.2f}" if fd is not None else "") + (f"{acc:10.1%}" if acc is not None else ""))
+    print("steps" + ("       FID" if inception is not None else "") + ("  accuracy  open-attribute TV" if toyfaces else ""))
+    for steps, fd, acc, tv in results:
+        print(f"{steps:5d}" + (f"{fd:10.2f}" if fd is not None else "")
+              + (f"{acc:10.1%}{tv:19.2f}" if acc is not None else ""))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fid.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([("steps", "n", "fid", "prompt_accuracy")] + [
-            (s, args.n, "" if fd is None else f"{fd:.4f}", "" if a is None else f"{a:.4f}") for s, fd, a in results])
-    columns = {name: [r[i] for r in results] for i, name in [(1, f"FID (N={args.n})"), (2, "prompt accuracy")]
-               if results[0][i] is not None}
-    save_plot(os.path.join(args.out, "fid.png"), args.steps, columns)
+        csv.writer(f).writerows([("steps", "n", "fid", "prompt_accuracy", "open_attribute_tv")] + [
+            (s, args.n, *("" if v is None else f"{v:.4f}" for v in (fd, a, tv))) for s, fd, a, tv in results])
+    panels = {f"{name} vs sampling steps": {name: [r[i] for r in results]}
+              for i, name in [(1, f"FID (N={args.n})"), (2, "prompt accuracy"), (3, "open-attribute TV")]
+              if results[0][i] is not None}
+    save_plot(os.path.join(args.out, "fid.png"), args.steps, panels, log_x=True)
     print(f"wrote {os.path.join(args.out, 'fid.csv')} and {os.path.join(args.out, 'fid.png')}")

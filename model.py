@@ -138,15 +138,18 @@ X_PRED_MIN_1MT = 0.25  # --predict x: the floor on 1 - t. The loss on v weighs a
 
 class DiT(nn.Module):
     def __init__(self, input_size=32, in_channels=4, feature_dim=512,
-                 hidden_size=768, depth=12, num_heads=12, patch_size=2, mlp_ratio=4.0, predict="v"):
+                 hidden_size=768, depth=12, num_heads=12, patch_size=2, mlp_ratio=4.0, predict="v", time_scale=1000.0):
         super().__init__()
         assert predict in ("v", "x"), predict
         self.input_size, self.in_channels, self.feature_dim = input_size, in_channels, feature_dim
         self.predict = predict  # what the last layer outputs: the velocity (the paper) or the clean image x1
         self.patch_size, self.num_heads = patch_size, num_heads
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        self.t_embedder = ScalarEmbedder(hidden_size, scale=1000.0)  # t in [0, 1]
-        self.d_embedder = ScalarEmbedder(hidden_size, scale=1000.0)  # d in [1/128, 1], embedded like t
+        # time_scale multiplies t and d before the sinusoids: 1000 (DiT, the paper) or 1 for MeanFlow, whose
+        # target contains d/dt and d/dd of the model output, which a scale of 1000 makes ~1000x larger.
+        self.time_scale = time_scale
+        self.t_embedder = ScalarEmbedder(hidden_size, scale=time_scale)  # t in [0, 1]
+        self.d_embedder = ScalarEmbedder(hidden_size, scale=time_scale)  # d in [1/128, 1] (MeanFlow: [0, 1])
         self.y_embedder = TextEmbedder(feature_dim, hidden_size)
         num_patches = (input_size // patch_size) ** 2
         # fixed (not learned) sin-cos position embedding, as in DiT

@@ -1,12 +1,15 @@
 """
 Sample images from a trained shortcut model in 1, 2, 4 ... 128 steps.
 
-    python sample.py --prompt "a man with glasses" --steps 1                # 16 seeds of one prompt, 1 step
-    python sample.py --prompt "a man with glasses" "a smiling woman" --steps 1 2 4 128 --n 4   # steps grid
+    python sample.py --prompt "a man with glasses" --steps 1 128            # 64 seeds, 1 and 128 steps
+    python sample.py --prompt "a man with glasses" "a smiling woman" --steps 1 2 4 128 --n 8
     python sample.py --prompt "a woman with red hair" --steps 128 --cfg 2.0 --seed 3
 
-Loads the EMA weights from out/ckpt.pt (--ckpt), writes one PNG and prints its path. On the toyfaces dataset
-it also prints how many samples the attribute reader finds showing every attribute the prompt names.
+Loads the EMA weights from out/ckpt.pt (--ckpt) and writes one PNG (its path is printed): a block of columns per
+step count, the same seed in the same place in every block, a band of rows per prompt, small images enlarged
+(nearest) to 128 px. On toyfaces it also prints, per prompt and step count, how many samples the attribute reader
+finds showing every attribute the prompt names, and how far the attributes the prompt leaves open are from the
+training data's (total variation: 0 = the data's mix, 1 = none of it; toyfaces.open_attribute_tv).
 """
 
 import argparse
@@ -15,11 +18,11 @@ import math
 import os
 import re
 
+import numpy as np
 import torch
-from torchvision.utils import save_image
 
 from model import DiT, DiT_models
-from prepare_data import encode_text, load_vae, prompt_accuracy
+from prepare_data import encode_text, load_vae
 
 
 @torch.no_grad()
@@ -64,7 +67,8 @@ def load_checkpoint(path, device):
     try:
         meta, args = ckpt["meta"], ckpt["args"]
         model = DiT(**DiT_models[args["model"]], input_size=meta["shape"][1], in_channels=meta["shape"][0],
-                    feature_dim=meta["feature_dim"], predict=args.get("predict", "v")).to(device)
+                    feature_dim=meta["feature_dim"], predict=args.get("predict", "v"),
+                    time_scale=args.get("time_scale", 1000.0)).to(device)
         model.load_state_dict(ckpt["ema"])  # the EMA weights are the ones to sample with
     except Exception as e:  # missing keys, shape mismatch ...
         raise SystemExit(f"error: cannot load checkpoint {path}: {str(e).splitlines()[0]}")
@@ -80,8 +84,10 @@ def autocast(device):
 
 
 def told_step(train_args):
-    """The step size d to tell a checkpoint's model: None (the step it takes) for a shortcut model; a flow-matching
-    baseline (--bootstrap-every 0) only ever saw the smallest step, 1/denoise_steps."""
+    """The step size d to tell a checkpoint's model: None (the step it takes) for a shortcut or MeanFlow model; a
+    flow-matching baseline (shortcut objective, --bootstrap-every 0) only ever saw the smallest step, 1/denoise_steps."""
+    if train_args.get("objective", "shortcut") == "meanflow":
+        return None
     return 1 / train_args["denoise_steps"] if train_args["bootstrap_every"] == 0 else None
 
 
@@ -105,6 +111,68 @@ def steps_grid(model, y, steps_list, meta, n=1, seed=0, cfg_scale=1.0, model_d=N
     return torch.stack(cols, dim=1).view(-1, n, len(steps_list), *cols[0].shape[1:])
 
 
+def save_grid(images, prompts, steps_list, path, cols=8):
+    """images (P, n, S, 3, H, W) in [0, 1] -> a labelled PNG: one block of min(n, cols) columns per step count
+    (headed "1 step", "2 steps" ...), one band of rows per prompt (headed by the prompt), enlarged with nearest
+    neighbours so that a face is at least 128 px."""
+    from PIL import Image, ImageDraw, ImageFont
+    P, n, S, _, H, W = images.shape
+    k = -(-128 // W)                                           # enlargement: 32 px -> x4, 256 px -> x1
+    cols, rows, pad, head = min(n, cols), -(-n // cols), 2, 18
+    cell, block_w = W * k + pad, min(n, cols) * (W * k + pad) + 3 * pad
+    canvas = Image.new("RGB", (S * block_w, head + P * (head + rows * cell)), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=13)
+    pixels = (images * 255).round().byte().permute(0, 1, 2, 4, 5, 3).cpu().numpy()  # (P, n, S, H, W, 3)
+    for s, steps in enumerate(steps_list):
+        draw.text((s * block_w + pad, 2), f"{steps} step{'s' if steps > 1 else ''}", fill="black", font=font)
+    for p, prompt in enumerate(prompts):
+        top = head + p * (head + rows * cell)
+        draw.text((pad, top + 2), prompt, fill="black", font=font)
+        for i in range(n):
+            for s in range(S):
+                face = Image.fromarray(pixels[p, i, s]).resize((W * k, H * k), Image.NEAREST)
+                canvas.paste(face, (s * block_w + (i % cols) * cell, top + head + (i // cols) * cell))
+    canvas.save(path)
+
+
+def save_plot(path, x, panels, log_x=False, log_y=False):
+    """Line plots stacked vertically, panels = {title: {label: ys}}, drawn with Pillow (which torchvision brings;
+    matplotlib is not one of this repo's requirements). Points that are not finite (on a log axis: <= 0) are left
+    out."""
+    from PIL import Image, ImageDraw, ImageFont
+    W, H, pad, legend = 760, 320, 56, 80
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    img = Image.new("RGB", (W, H * len(panels)), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=12)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fx = lambda v: np.log2(np.asarray(v, float)) if log_x else np.asarray(v, float)
+        fy = lambda v: np.log10(np.asarray(v, float)) if log_y else np.asarray(v, float)
+        xs = fx(x)
+        for row, (title, series) in enumerate(panels.items()):
+            top, ys = row * H, {label: fy(v) for label, v in series.items()}
+            seen = np.concatenate([v[np.isfinite(v)] for v in ys.values()] + [np.zeros(0)])
+            lo, hi = (seen.min(), max(seen.max(), seen.min() + 1e-9)) if len(seen) else (0, 1)
+            px = lambda v: pad + (v - xs.min()) / max(xs.max() - xs.min(), 1e-9) * (W - 2 * pad - legend)
+            py = lambda v: top + H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)
+            draw.rectangle([pad, top + pad, W - pad - legend, top + H - pad], outline="gray")
+            draw.text((pad, top + 12), title, fill="black", font=font)
+            for k, (label, v) in enumerate(ys.items()):
+                colour, ok = colours[k % len(colours)], np.isfinite(v)
+                points = [(px(a), py(b)) for a, b in zip(xs[ok], v[ok])]
+                if len(points) > 1:
+                    draw.line(points, fill=colour, width=2)
+                for a, b in points if len(points) <= 16 else []:  # few points: mark each one
+                    draw.ellipse([a - 3, b - 3, a + 3, b + 3], fill=colour)
+                if len(ys) > 1:
+                    draw.text((W - pad - legend + 6, top + pad + 14 * k), label, fill=colour, font=font)
+            ticks = x if len(x) <= 16 else [x[0], x[-1]]
+            for a, b in zip(fx(ticks), ticks):
+                draw.text((px(a) - 6, top + H - pad + 6), f"{b:g}", fill="black", font=font)
+            for v in (lo, hi):
+                draw.text((4, py(v) - 6), f"{10 ** v if log_y else v:.3g}", fill="black", font=font)
+    img.save(path)
+
+
 def power_of_two_steps(s):
     if not s.lstrip("-").isdigit() or int(s) not in [2 ** k for k in range(8)]:
         raise argparse.ArgumentTypeError(f"--steps must be a power of two from 1 to 128, got {s!r}")
@@ -121,7 +189,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt", nargs="+", default=["a man with glasses"])
     parser.add_argument("--steps", nargs="+", type=power_of_two_steps, default=[1], help="1, 2, 4 ... 128")
-    parser.add_argument("--n", type=int, default=16, help="samples (seeds) per prompt")
+    parser.add_argument("--n", type=int, default=64, help="samples (seeds) per prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--ckpt", default="out/ckpt.pt")
@@ -150,18 +218,22 @@ if __name__ == "__main__":
                             model_d=told_step(ckpt["args"]))
 
     os.makedirs(args.out, exist_ok=True)
-    steps_name = "-".join(map(str, args.steps))
     name = re.sub("[^a-zA-Z0-9]+", "_", args.prompt[0])[:60]  # a safe file name for any prompt
-    path = os.path.join(args.out, f"{name}_steps{steps_name}_seed{args.seed}.png")
-    if len(args.steps) == 1:  # a block of seeds per prompt, 8 to a row
-        save_image(images.flatten(0, 2), path, nrow=min(args.n, 8), padding=1)
-    else:                     # a steps grid: one row per (prompt, seed), one column per step count
-        save_image(images.flatten(0, 2), path, nrow=len(args.steps), padding=1)
+    path = os.path.join(args.out, f"{name}_steps{'-'.join(map(str, args.steps))}_seed{args.seed}.png")
+    save_grid(images, args.prompt, args.steps, path)
     print(f"wrote {path}")
     if meta["dataset"] == "toyfaces":
+        import toyfaces
+        data_dir = ckpt["args"]["data_dir"]
+        dist = toyfaces.data_distribution(data_dir, args.prompt) if os.path.isdir(data_dir) else None
         for p, prompt in enumerate(args.prompt):
             for s, steps in enumerate(args.steps):
                 pixels = (images[p, :, s] * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
-                acc = prompt_accuracy(pixels, prompt)
-                print(f"{prompt!r} {steps:3d} step{'s' if steps > 1 else ' '}: attribute reader agrees on "
-                      f"{round(acc * args.n)}/{args.n} = {acc:.0%}")
+                reads = toyfaces.read_attributes(pixels)
+                right = sum(toyfaces.shows(r, prompt) for r in reads)
+                line = (f"{prompt!r} {steps:3d} step{'s' if steps > 1 else ' '}: attribute reader agrees on "
+                        f"{right}/{args.n} = {right / args.n:.0%}")
+                if dist is not None:  # the data set is needed for its attribute distribution
+                    tv = toyfaces.open_attribute_tv(reads, [prompt] * len(reads), dist)
+                    line += f"; open attributes vs data (TV): {toyfaces.diversity_line(tv)}"
+                print(line)

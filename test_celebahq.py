@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import prepare_data as pd
+import toyfaces
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CELEBA_NAMES = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
@@ -35,7 +36,7 @@ def models(tmp_path_factory):
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4)
     vae.save_pretrained(root / "vae")
-    pd.make_tiny_clip(str(root / "clip"), ["man", "woman", "glasses", "smiling"])
+    toyfaces.make_tiny_clip(str(root / "clip"), ["man", "woman", "glasses", "smiling"])
     return str(root / "vae"), str(root / "clip")
 
 
@@ -242,15 +243,16 @@ def test_train_and_sample_decode_latents(models, tmp_path, monkeypatch, capsys):
                "--max-steps", "2", "--log-every", "1", "--sample-every", "2")
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 2 and ckpt["meta"]["shape"] == [4, 8, 8] and ckpt["meta"]["vae"] == meta["vae"]
-    assert Image.open(os.path.join(out, "grid_000002.png")).size == (1 + 4 * 65, 1 + 6 * 65)  # decoded: 8 x 8 px
+    # 6 prompts x 4 step counts of 64 px decoded images (8 x the 8 x 8 latent), enlarged x2 to 128 px
+    assert Image.open(os.path.join(out, "grid_000002.png")).size == (4 * (130 + 6), 18 + 6 * (18 + 130))
 
     capsys.readouterr()
     run_script("sample.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--prompt", "a man with glasses",
                "--steps", "1", "--n", "2", "--out", str(tmp_path / "samples"))
     path = capsys.readouterr().out.split("wrote ")[1].split()[0]
     image = np.asarray(Image.open(path))
-    assert image.shape == (1 + 65, 1 + 2 * 65, 3)  # two 64 px samples: 8 x the 8 x 8 latent
-    assert image[1:65, 1:65].std() > 1  # decoded, not blank
+    assert image.shape == (18 + 18 + 130, 2 * 130 + 6, 3)  # two 64 px samples (8 x the 8 x 8 latent), x2
+    assert image[36:164, :128].std() > 1  # decoded, not blank
 
     # sampling offline with a VAE only the hub has: the same one clear line, before any sampling
     ckpt["meta"]["vae"] = "stabilityai/sd-vae-ft-mse"

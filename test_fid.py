@@ -184,11 +184,11 @@ def test_cli_table_csv_plot_and_cached_reference(tiny_run, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "N = 3 samples per row" in out and "FID" in out and "accuracy" in out
     rows = (tiny_run / "res" / "fid.csv").read_text().split()
-    assert rows[0] == "steps,n,fid,prompt_accuracy" and rows[1].startswith("2,3,")
+    assert rows[0] == "steps,n,fid,prompt_accuracy,open_attribute_tv" and rows[1].startswith("2,3,")
     assert np.isfinite(float(rows[1].split(",")[2])) and 0 <= float(rows[1].split(",")[3]) <= 1
     assert (tiny_run / "data" / "fid_stats_toyfaces_32px_3.npz").exists()
     from PIL import Image
-    assert Image.open(tiny_run / "res" / "fid.png").size == (480, 440)  # two panels: FID, accuracy
+    assert Image.open(tiny_run / "res" / "fid.png").size == (760, 3 * 320)  # three panels: FID, accuracy, TV
 
 
 def test_cli_without_inception_weights_still_gives_accuracy(tiny_run, monkeypatch, capsys):
@@ -201,7 +201,7 @@ def test_cli_without_inception_weights_still_gives_accuracy(tiny_run, monkeypatc
     out = capsys.readouterr().out
     assert sum("FID skipped" in line for line in out.splitlines()) == 1 and "--inception" in out
     lines = out.splitlines()
-    header = lines.index("steps  accuracy")
+    header = lines.index("steps  accuracy  open-attribute TV")
     assert [line.split()[0] for line in lines[header + 1:header + 3]] == ["1", "4"]
-    assert all(line.endswith("%") for line in lines[header + 1:header + 3])
+    assert all(line.split()[1].endswith("%") for line in lines[header + 1:header + 3])
     assert [r[:5] for r in (tiny_run / "res2" / "fid.csv").read_text().split()[1:]] == ["1,3,,", "4,3,,"]

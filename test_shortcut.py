@@ -181,7 +181,8 @@ def test_sample_cli_writes_png(trained):
     path = r.stdout.split("wrote ")[1].split()[0]
     from PIL import Image
     w, h = Image.open(trained / path).size
-    assert (w, h) == (1 + 2 * 33, 1 + 6 * 33)  # 2 columns of steps, 2 prompts x 3 seeds rows, 32 px + padding
+    # a block of 3 faces per step count, a band per prompt; 32 px faces x4 + 2 px apart, 18 px headings
+    assert (w, h) == (2 * (3 * 130 + 6), 18 + 2 * (18 + 130))
     assert "attribute reader agrees on" in r.stdout
 
 

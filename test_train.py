@@ -7,6 +7,7 @@ for bad inputs, and DDP (2 CPU processes over gloo give the same step as one). C
 Most runs are in-process (runpy) to skip Python start-up; the kill and the DDP run are real subprocesses.
 """
 
+import argparse
 import csv
 import os
 import runpy
@@ -21,7 +22,8 @@ import pytest
 import torch
 
 from prepare_data import prepare_toyfaces
-from train import shortcut_targets
+from sample import load_checkpoint, told_step
+from train import RECIPES, apply_recipe, shortcut_targets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "train.py")
@@ -31,6 +33,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 def args(data, out, *extra, steps=8):
     """A tiny run: DiT-T/4 on 16x16 faces, batch 8 (2 bootstrap rows), a checkpoint every 4 steps."""
     return ["--data-dir", str(data), "--out", str(out), "--model", "DiT-T/4", "--batch", "8", "--lr", "1e-3",
+            "--predict", "v",
             "--ema-decay", "0.9", "--bootstrap-every", "4", "--max-steps", str(steps), "--log-every", "1",
             "--sample-every", "4", *extra]
 
@@ -55,7 +58,7 @@ def error_line(argv, monkeypatch, capsys):
 
 def log_losses(out):
     with open(os.path.join(out, "log.csv")) as f:
-        return [(int(r["step"]), r["loss"], r["loss_flow"], r["loss_bootstrap"]) for r in csv.DictReader(f)]
+        return [(int(r["step"]), r["loss"], *(r[k] for k in r if k.startswith("loss_d"))) for r in csv.DictReader(f)]
 
 
 @pytest.fixture(scope="module")
@@ -245,12 +248,15 @@ BAD = {
     "--resume truncated checkpoint": (truncated_checkpoint, "cannot load checkpoint"),
     "--resume older checkpoint": (checkpoint_without_rng, "cannot resume from"),
     "--resume other model": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--model", "DiT-T/2"],
-                             "is DiT-T/4 --predict v on [3, 16, 16] data with 64-dim text features, this run is "
-                             "DiT-T/2 --predict v on [3, 16, 16] with 64-dim"),
+                             "is DiT-T/4 --predict v --time-scale 1000 on [3, 16, 16] data with 64-dim text "
+                             "features, this run is DiT-T/2 --predict v --time-scale 1000 on [3, 16, 16] with 64-dim"),
     "--resume other prediction": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--predict", "x"],
-                                  "this run is DiT-T/4 --predict x on"),
-    "--resume other data shape": (other_resolution, "is DiT-T/4 --predict v on [3, 16, 16] data with 64-dim text "
-                                                    "features, this run is DiT-T/4 --predict v on [3, 8, 8] with 64-dim"),
+                                  "this run is DiT-T/4 --predict x --time-scale 1000 on"),
+    "--resume other time scale": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--time-scale", "1"],
+                                  "this run is DiT-T/4 --predict v --time-scale 1 on"),
+    "--resume other data shape": (other_resolution, "is DiT-T/4 --predict v --time-scale 1000 on [3, 16, 16] data "
+                                                    "with 64-dim text features, this run is DiT-T/4 --predict v "
+                                                    "--time-scale 1000 on [3, 8, 8] with 64-dim"),
 }
 
 
@@ -264,3 +270,28 @@ def test_bad_inputs_are_one_line_and_overwrite_nothing(case, data, run4, tmp_pat
     assert expected in line, line
     assert all((run / name).read_bytes() == b for name, b in before.items())  # the existing run is untouched
     assert not (tmp_path / "new" / "ckpt.pt").exists()
+
+
+# ---------------------------------------------------------------------------- recipes, MeanFlow end to end
+
+def test_recipe_follows_the_data_and_a_given_flag_wins():
+    flags = dict.fromkeys(RECIPES["paper"])
+    args = argparse.Namespace(**dict(flags, batch=32))
+    assert apply_recipe(args, {"dataset": "toyfaces"}) == "toyfaces recipe, --batch 32"
+    assert args.batch == 32 and all(getattr(args, k) == v for k, v in RECIPES["toyfaces"].items() if k != "batch")
+    args = argparse.Namespace(**flags)
+    assert apply_recipe(args, {"dataset": "celebahq"}) == "paper recipe"
+    assert vars(args) == RECIPES["paper"] and args.model == "DiT-B/2" and args.max_steps == 410_000
+
+
+def test_meanflow_run_saves_its_objective_and_time_scale(data, tmp_path, monkeypatch, capsys):
+    train_here(args(data, tmp_path / "mf", "--objective", "meanflow", "--time-scale", "1", steps=4), monkeypatch)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("DiT-T/4 (1.4M params), toyfaces recipe, --batch 8, --lr 0.001, --ema-decay 0.9, ")
+    assert "--objective meanflow, --time-scale 1, --max-steps 4" in first and first.endswith("device cpu")
+    model, ckpt = load_checkpoint(tmp_path / "mf" / "ckpt.pt", "cpu")
+    assert ckpt["args"]["objective"] == "meanflow" and model.t_embedder.scale == model.d_embedder.scale == 1
+    assert told_step(ckpt["args"]) is None  # sampled with the step it takes, whatever --bootstrap-every says
+    rows = log_losses(tmp_path / "mf")
+    # batch 8: 6 flow rows (d = 0, logged as d = 1/128) and 2 interval rows a step, binned by their nearest level
+    assert len(rows) == 4 and all(r[-1] and sum(map(bool, r[2:-1])) in (1, 2) for r in rows)

@@ -1,23 +1,17 @@
 """
 Train a text-conditioned shortcut model (Frans et al. 2024): flow matching plus self-consistency targets.
 
-    python train.py --batch 64                                  # the paper's setting: DiT-B/2, lr 1e-4, EMA 0.999
-                                                                # (on data/celebahq once prepared, else toyfaces)
-    python train.py --model DiT-T/4 --lr 3e-3 --ema-decay 0.99 --lr-schedule cosine --bootstrap-every 4 --predict x \
-                    --max-steps 3000 --sample-every 500                       # toyfaces on a 2-core CPU, ~13 min
-    python train.py --bootstrap-every 0 ...                     # the flow-matching baseline, same script
-    python train.py ... --resume                                # after a crash: the same command plus --resume
-                                                                # continues out/ckpt.pt (bit for bit on a CPU)
-    torchrun --standalone --nproc_per_node=8 train.py --batch 64                   # DDP on the 8 GPUs of one machine
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
-             train.py --batch 128                               # two machines: run on both, --node_rank=1 on the second
-    python train.py --batch 256 --compile                       # fastest on a GPU (bench.py measures it)
+    python train.py                      # the recipe that fits the data found: toyfaces (CPU, ~13 min) or the paper's
+    python train.py --batch 32           # the same recipe, a flag given on the command line wins
+    python train.py --bootstrap-every 0 --out out_fm             # the flow-matching baseline, same script
+    python train.py --resume             # after a crash: the same command plus --resume (bit for bit on a CPU)
+    torchrun --standalone --nproc_per_node=8 train.py            # DDP on the 8 GPUs of one machine
 
-Reads the dataset written by prepare_data.py (--data-dir), writes to --out: ckpt.pt (plain dict, loads with
-weights_only=True; written to a temporary file and renamed, so it is always complete), log.csv (loss,
-flow/bootstrap loss, img/s) and grid_<step>.png (rows = fixed prompts, columns = 1, 2, 4, 128 sampling steps).
---batch is the global batch: with DDP each of the N processes trains on batch/N rows of it. A non-finite loss
-stops training before it reaches the weights; an existing ckpt.pt is never overwritten without --resume.
+Recipes (RECIPES below): on data/toyfaces (prepare_data.py's default) a 1.4M-parameter DiT-T/4 for 3,000 steps
+that a 2-core CPU trains in about 13 minutes; on data/celebahq the paper's DiT-B/2, lr 1e-4, EMA 0.999, batch 64,
+410k steps. The first line printed names the recipe, the model and the device. Writes to --out: ckpt.pt (a plain
+dict, loads with weights_only=True, always complete), log.csv (the loss of each step-size level d, img/s),
+levels.png (those losses over training) and grid_<step>.png (fixed prompts at 1, 2, 4 and 128 steps).
 """
 
 import argparse
@@ -32,18 +26,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from model import DiT, DiT_models
-from prepare_data import encode_text, load_meta, load_vae
-from sample import autocast, one_line_errors, read_checkpoint, steps_grid, told_step
+from prepare_data import encode_text, load_data, load_vae
+from sample import autocast, one_line_errors, read_checkpoint, save_grid, save_plot, steps_grid, told_step
 
+RECIPES = {  # what `python train.py` trains, by the data set it finds; any flag given on the command line wins
+    "paper": dict(model="DiT-B/2", batch=64, lr=1e-4, lr_schedule="constant", ema_decay=0.999, bootstrap_every=8,
+                  predict="v", objective="shortcut", time_scale=1000.0, max_steps=410_000, sample_every=5000),
+    # A 2-core CPU budget: 3,000 steps need an lr 30x the paper's that decays to zero, a short EMA (the EMA is
+    # the bootstrap teacher: its lag slows how fast the big steps learn), 16 bootstrap rows a batch instead of 8,
+    # and a network that draws the clean image (predict x), so 1-step samples carry no grain (docs/experiments.md)
+    "toyfaces": dict(model="DiT-T/4", batch=64, lr=3e-3, lr_schedule="cosine", ema_decay=0.99, bootstrap_every=4,
+                     predict="x", objective="shortcut", time_scale=1000.0, max_steps=3000, sample_every=500),
+}
 GRID_PROMPTS = ["a man with glasses", "a smiling woman with red hair", "a woman with blond hair",
                 "a bearded man with black hair", "a person with brown hair and glasses", "a smiling man"]
 GRID_STEPS = [1, 2, 4, 128]
-LOG_HEADER = ["step", "loss", "loss_flow", "loss_bootstrap", "img_per_s", "elapsed_s"]
+LEVELS = [f"1/{2 ** k}" if k else "1" for k in range(8)]  # the step sizes d = 1, 1/2 ... 1/128 (flow rows)
+LOG_HEADER = ["step", "loss", "img_per_s", "elapsed_s"] + [f"loss_d{d}" for d in LEVELS]
 
 
 def shortcut_targets(teacher, x1, y, bootstrap_every=8, denoise_steps=128, rank=0, world_size=1):
@@ -97,6 +101,127 @@ def shortcut_targets(teacher, x1, y, bootstrap_every=8, denoise_steps=128, rank=
     return x_t, t, d, y, v_target
 
 
+def meanflow_targets(model, x1, y, flow_fraction=0.75, rank=0, world_size=1):
+    """MeanFlow (Geng et al. 2025, Algorithm 1) in this repo's convention: t = 0 noise, t = 1 data, and the model
+    s(x_t, t, d) is the average velocity over [t, t + d], x_{t+d} = x_t + d s. Holding the end t + d fixed and
+    differentiating d s = x_{t+d} - x_t in t (dx_t/dt = v, dd/dt = -1) gives s = v + d (J_x s v + ds/dt - ds/dd):
+    that right side, one forward-mode derivative along (v, 1, -1), is the target. Returns (x_t, t, d, y, v_target)
+    like shortcut_targets: the first rows are intervals (d > 0), the last flow_fraction of them flow rows (d = 0,
+    target v). model is the plain online model (not DDP-wrapped, not compiled); DDP rows as in shortcut_targets.
+    """
+    B, device = x1.shape[0] * world_size, x1.device                          # B: the global batch
+    rows = slice(rank, None, world_size)                                      # this rank's rows of it
+    n_int = B - round(flow_fraction * B)                                      # interval rows (global)
+
+    # 1. x0 ~ N(0, I): the noise end of each row's straight path to its data point x1.
+    x0 = torch.randn(B, *x1.shape[1:], device=device)[rows]
+
+    # 2. Interval rows: two uniform times, t = the smaller, t + d = the larger: every [t, t + d] equally likely.
+    pair = torch.rand(n_int, 2, device=device)
+    t_int, end = pair.min(dim=1).values, pair.max(dim=1).values
+
+    # 3. Flow rows: d = 0 (the instantaneous velocity) and t ~ U[0, 1] on its own. NOT the smaller of two draws
+    #    (density 2 (1 - t)): that starves t near 1, the last, detail-drawing steps of a many-step sample.
+    t_flow = torch.rand(B - n_int, device=device)
+    t = torch.cat([t_int, t_flow])[rows]
+    d = torch.cat([end - t_int, torch.zeros(B - n_int, device=device)])[rows]  # (B / world_size,) each
+    n_int = len(range(rank, n_int, world_size))  # the global batch's first rows are this rank's first rows
+
+    # 4. Noise the data: x_t = (1 - (1 - 1e-5) t) x0 + t x1 (the 1e-5 keeps a sliver of noise at t = 1).
+    t_ = t.view(-1, 1, 1, 1)
+    x_t = (1 - (1 - 1e-5) * t_) * x0 + t_ * x1
+
+    # 5. The conditional velocity dx_t/dt: the target of the flow rows, and the x-tangent of the JVP.
+    v = x1 - (1 - 1e-5) * x0
+    v_target = v.clone()
+
+    # 6. Interval rows: ds/dt along the path with the end fixed, ONE forward-mode JVP of the online model along
+    #    (dx, dt, dd) = (v, 1, -1), without gradient. The fused CPU attention has no forward-mode derivative; the
+    #    MATH backend (plain softmax) has.
+    if n_int > 0:
+        xi, ti, di, yi, vi = x_t[:n_int], t[:n_int], d[:n_int], y[:n_int], v[:n_int]
+        ones = torch.ones_like(ti)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            _, ds_dt = torch.func.jvp(lambda x, tt, dd: model(x, tt, dd, yi), (xi, ti, di), (vi, ones, -ones))
+        # 7. s_target = v + d ds/dt: the velocity at t and the model's own average over the rest of the interval.
+        v_target[:n_int] = vi + di.view(-1, 1, 1, 1) * ds_dt
+    return x_t, t, d, y, v_target.detach()
+
+
+def level_of(d):
+    """The index into LEVELS of each row's step size: d = 2^-k -> k; flow rows (d <= 1/128) -> 7."""
+    return (-torch.log2(d.float().clamp(min=1 / 128))).round().long().clamp(0, 7)
+
+
+# -----------------------------------------------------------------------------
+# plumbing: the command line and its recipe, devices, checkpoints, the log
+
+def positive_int(s):
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {s!r}")
+    return int(s)
+
+
+def parse_args():
+    """The command line. Flags left out (None) are filled in from the recipe of the data set (apply_recipe)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default=None, help="default: data/celebahq once prepared, else data/toyfaces")
+    parser.add_argument("--out", default="out")
+    parser.add_argument("--model", choices=list(DiT_models))
+    parser.add_argument("--batch", type=positive_int, help="global batch, split across DDP processes")
+    parser.add_argument("--predict", choices=["v", "x"], help="the network outputs the velocity (the paper) or "
+                        "the clean image x1 (small models on pixels)")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], help="constant (the paper) or cosine "
+                        "decay to 0 at --max-steps (short runs)")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--ema-decay", type=float)
+    parser.add_argument("--objective", choices=["shortcut", "meanflow"], help="how the big steps learn: "
+                        "self-consistency (Frans et al. 2024) or MeanFlow's average velocity (Geng et al. 2025)")
+    parser.add_argument("--time-scale", type=float, help="t and d are multiplied by this before their sinusoidal "
+                        "embedding: 1000 (DiT, the paper) or 1 (MeanFlow differentiates the model in t and d)")
+    parser.add_argument("--bootstrap-every", type=int, help="1/N of each batch is self-consistency; 0 = flow matching")
+    parser.add_argument("--denoise-steps", type=int, default=128, help="smallest step 1/M; sampling allows up to M steps")
+    parser.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of captions replaced by the null one")
+    parser.add_argument("--max-steps", type=positive_int)
+    parser.add_argument("--log-every", type=positive_int, default=50)
+    parser.add_argument("--sample-every", type=positive_int, help="checkpoint and grid PNG every N steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue --out/ckpt.pt where it stopped")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model and its EMA teacher")
+    one_line_errors(parser)
+    args = parser.parse_args()
+    if args.data_dir is None:
+        args.data_dir = "data/celebahq" if os.path.exists("data/celebahq/meta.json") else "data/toyfaces"
+    return parser, args
+
+
+def apply_recipe(args, meta):
+    """Fill the flags not given from the recipe of the data set. -> 'toyfaces recipe' (+ ', --lr 0.001' for each
+    flag given that differs from it)."""
+    name = "toyfaces" if meta["dataset"] == "toyfaces" else "paper"
+    changed = "".join(f", --{k.replace('_', '-')} {getattr(args, k):g}" if isinstance(v, float) else
+                      f", --{k.replace('_', '-')} {getattr(args, k)}"
+                      for k, v in RECIPES[name].items() if getattr(args, k) not in (None, v))
+    for k, v in RECIPES[name].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return f"{name} recipe{changed}"
+
+
+def setup_ddp():
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE: one process per GPU (NCCL; gloo on a CPU), nanoGPT style.
+    Without them, one process. -> (ddp, rank, world_size, local_rank, device)"""
+    if "RANK" not in os.environ:
+        return False, 0, 1, 0, "cuda" if torch.cuda.is_available() else "cpu"
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":
+        torch.cuda.set_device(device)
+    return True, rank, world_size, local_rank, device
+
+
 def save_checkpoint(ckpt, path):
     """Write a temporary file in the same directory, fsync it, rename it over path. The rename is atomic, so path
     is always the previous complete checkpoint or the new complete one, whatever stops us mid-write (a kill, a
@@ -119,90 +244,74 @@ def save_checkpoint(ckpt, path):
                          "stopped, the previous checkpoint is untouched")
 
 
-def load_data(data_dir):
-    """(meta, x1, features, caption_image): the arrays prepare_data.py wrote, checked against meta.json.
-    A missing, half-written (no meta.json: it is written last) or inconsistent data set is one clear line."""
-    meta = load_meta(data_dir)
+def resume(ckpt_path, args, meta, model, ema, optimizer, rng, device):
+    """Load ckpt.pt into the model, its EMA, AdamW's moments and the RNG states (batches are random draws, so the
+    RNG state is the position in the data order). -> the step to continue from. Any mismatch is one line."""
+    ckpt = read_checkpoint(ckpt_path, "cpu")  # on the CPU: RNG states must be CPU tensors
     try:
-        x1 = np.load(os.path.join(data_dir, "x1.npy"), mmap_mode="r")               # (N, V, C, H, W), memory-mapped
-        features = np.load(os.path.join(data_dir, "text_features.npy"))            # (K, D)
-        caption_image = np.load(os.path.join(data_dir, "caption_image.npy"))       # (K,) row of x1 per caption
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read the data in {data_dir}: {str(e).splitlines()[0]}")
-    N, K = meta["num_images"], meta["num_captions"]
-    for name, array, shape in [("x1.npy", x1, (N, meta["views"], *meta["shape"])),
-                               ("text_features.npy", features, (K, meta["feature_dim"])),
-                               ("caption_image.npy", caption_image, (K,))]:
-        if array.shape != shape:
-            raise SystemExit(f"error: {os.path.join(data_dir, name)} has shape {array.shape} but meta.json says "
-                             f"{shape}: prepare the data again")
-    if K and not 0 <= caption_image.min() <= caption_image.max() < N:
-        raise SystemExit(f"error: {os.path.join(data_dir, 'caption_image.npy')} points outside x1.npy (N = {N})")
-    return meta, x1, features, caption_image
+        a = ckpt["args"]
+        theirs = (f"{a['model']} --predict {a.get('predict', 'v')} --time-scale {a.get('time_scale', 1000.0):g}",
+                  ckpt["meta"]["shape"], ckpt["meta"]["feature_dim"])
+        ours = (f"{args.model} --predict {args.predict} --time-scale {args.time_scale:g}", meta["shape"],
+                meta["feature_dim"])
+        if theirs != ours:
+            raise SystemExit(f"error: {ckpt_path} is {theirs[0]} on {theirs[1]} data with {theirs[2]}-dim text "
+                             f"features, this run is {ours[0]} on {ours[1]} with {ours[2]}-dim: resume with "
+                             "the --model, --predict, --time-scale and --data-dir it was trained with")
+        if ckpt["step"] > args.max_steps:
+            raise SystemExit(f"error: {ckpt_path} is at step {ckpt['step']}, beyond --max-steps {args.max_steps}")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device != "cpu" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        rng.bit_generator.state = ckpt["rng"]["numpy"]
+        return ckpt["step"]
+    except Exception as e:  # an older or foreign checkpoint: missing keys, wrong shapes ...
+        raise SystemExit(f"error: cannot resume from {ckpt_path}: {type(e).__name__} {str(e).splitlines()[0]}")
 
 
-def positive_int(s):
-    if not s.isdigit() or int(s) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {s!r}")
-    return int(s)
+def open_log(out, start):
+    """log.csv, opened for writing; when resuming, the rows up to the checkpoint's step are kept and the steps
+    after it (redone now) dropped. -> (file, csv writer, the rows so far)"""
+    path, rows = os.path.join(out, "log.csv"), []
+    try:
+        os.makedirs(out, exist_ok=True)
+        if start and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= start]
+        log = open(path, "w", newline="")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to --out {out}: {e}")
+    writer = csv.writer(log)
+    writer.writerows([LOG_HEADER] + rows)
+    return log, writer, rows
+
+
+def plot_levels(rows, path):
+    """levels.png: the loss of each step-size level over training (log scale): the small steps learn first."""
+    if rows:
+        columns = np.array([[float(v or "nan") for v in row] for row in rows]).T   # (len(LOG_HEADER), rows)
+        save_plot(path, columns[0], {"loss by step size d (log scale) vs training step": {
+            f"d = {d}": columns[4 + k] for k, d in enumerate(LEVELS)}}, log_y=True)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=None, help="default: data/celebahq once prepared (the paper's "
-                        "setting), else data/toyfaces")
-    parser.add_argument("--out", default="out")
-    parser.add_argument("--model", default="DiT-B/2", choices=list(DiT_models))
-    parser.add_argument("--batch", type=positive_int, default=64, help="global batch, split across DDP processes")
-    parser.add_argument("--predict", default="v", choices=["v", "x"],
-                        help="the network outputs the velocity (the paper) or the clean image (small models, pixels)")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
-                        help="constant (the paper) or cosine decay to 0 at --max-steps (short runs)")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--bootstrap-every", type=int, default=8, help="1/N of each batch is self-consistency; 0 = flow matching")
-    parser.add_argument("--denoise-steps", type=int, default=128, help="smallest step 1/M; sampling allows up to M steps")
-    parser.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of captions replaced by the null one")
-    parser.add_argument("--max-steps", type=positive_int, default=410_000)
-    parser.add_argument("--log-every", type=positive_int, default=50)
-    parser.add_argument("--sample-every", type=positive_int, default=5000, help="checkpoint and grid PNG every N steps")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue --out/ckpt.pt where it stopped")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model and its EMA teacher")
-    one_line_errors(parser)
-    args = parser.parse_args()
-    if args.data_dir is None:
-        args.data_dir = "data/celebahq" if os.path.exists("data/celebahq/meta.json") else "data/toyfaces"
-
-    # --- DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        if device != "cpu":
-            torch.cuda.set_device(device)
-    else:
-        rank, world_size = 0, 1
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser, args = parse_args()
+    meta, x1_all, features, caption_image = load_data(args.data_dir)
+    recipe = apply_recipe(args, meta)
+    if args.batch > meta["num_images"]:
+        parser.error(f"--batch {args.batch} is larger than the data set ({meta['num_images']} images in {args.data_dir})")
+    ddp, rank, world_size, local_rank, device = setup_ddp()
     master = rank == 0  # only rank 0 logs, saves checkpoints and draws grids
     if args.batch % world_size:
         parser.error(f"--batch {args.batch} does not split evenly across {world_size} processes")
     rows = slice(rank, None, world_size)  # this rank's rows of every global batch
-
-    # --- device: bf16 autocast on CUDA; fp32 on CPU, where bf16 matmuls are very slow
-    ctx = autocast(device)
+    ctx = autocast(device)  # bf16 autocast on CUDA; fp32 on a CPU, where bf16 matmuls are very slow
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # The same seed on every rank: each one draws the randomness of the whole global batch and keeps its rows
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same seed on every rank: each draws the whole global batch, keeps its rows
     rng = np.random.default_rng(args.seed)
-
-    # --- data: x1 (N, V, C, H, W) memory-mapped; one row per caption in text_features / caption_image
-    meta, x1_all, features, caption_image = load_data(args.data_dir)
-    if args.batch > meta["num_images"]:
-        parser.error(f"--batch {args.batch} is larger than the data set "
-                     f"({meta['num_images']} images in {args.data_dir})")
 
     def get_batch():
         k = rng.integers(len(features), size=args.batch)[rows]                 # random captions ...
@@ -212,71 +321,40 @@ if __name__ == "__main__":
             x1, y = x1.pin_memory(), y.pin_memory()
         return x1.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
-    # --- model, its EMA (the bootstrap teacher and the weights we sample with), optimizer
+    # the model, its EMA (the bootstrap teacher and the weights we sample with), AdamW
     model = DiT(**DiT_models[args.model], input_size=meta["shape"][1], in_channels=meta["shape"][0],
-                feature_dim=meta["feature_dim"], predict=args.predict).to(device)
+                feature_dim=meta["feature_dim"], predict=args.predict, time_scale=args.time_scale).to(device)
     model.y_embedder.set_feature_stats(torch.from_numpy(features).to(device))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     # compiled views share the parameters; we save and sample with the plain modules, so no "_orig_mod." keys
     student, teacher = (torch.compile(model), torch.compile(ema)) if args.compile else (model, ema)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.999), fused=device != "cpu")
-    # DDP averages the gradients of all ranks in backward, so every rank takes the same step: the weights and the
-    # EMA (updated on every rank) stay identical everywhere. Checkpoints hold the unwrapped model.
+    # DDP averages the gradients of all ranks in backward, so every rank takes the same step and the EMA stays
+    # identical everywhere. Checkpoints hold the unwrapped model.
     ddp_model = DDP(student, device_ids=[local_rank] if device != "cpu" else None) if ddp else student
     grid_y = torch.from_numpy(encode_text(GRID_PROMPTS, meta["text_encoder"], device)).to(device)
     if meta["vae"] != "none":
         load_vae(meta["vae"], str(grid_y.device))  # a missing VAE fails now, not at the first grid
 
-    # --- resume: the same command plus --resume continues exactly where ckpt.pt stopped: weights, EMA, AdamW
-    #     moments, step, and the RNG states (batches are random draws, so the RNG state is the data order position)
     ckpt_path, start = os.path.join(args.out, "ckpt.pt"), 0
     if args.resume:
-        ckpt = read_checkpoint(ckpt_path, "cpu")  # on the CPU: RNG states must be CPU tensors
-        try:
-            theirs = (f"{ckpt['args']['model']} --predict {ckpt['args'].get('predict', 'v')}", ckpt["meta"]["shape"],
-                      ckpt["meta"]["feature_dim"])
-            ours = (f"{args.model} --predict {args.predict}", meta["shape"], meta["feature_dim"])
-            if theirs != ours:
-                raise SystemExit(f"error: {ckpt_path} is {theirs[0]} on {theirs[1]} data with {theirs[2]}-dim text "
-                                 f"features, this run is {ours[0]} on {ours[1]} with {ours[2]}-dim: resume with "
-                                 "the --model, --predict and --data-dir it was trained with")
-            if ckpt["step"] > args.max_steps:
-                parser.error(f"{ckpt_path} is at step {ckpt['step']}, beyond --max-steps {args.max_steps}")
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if device != "cpu" and "cuda" in ckpt["rng"]:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-            rng.bit_generator.state = ckpt["rng"]["numpy"]
-            start = ckpt["step"]
-        except Exception as e:  # an older or foreign checkpoint: missing keys, wrong shapes ...
-            raise SystemExit(f"error: cannot resume from {ckpt_path}: {type(e).__name__} {str(e).splitlines()[0]}")
+        start = resume(ckpt_path, args, meta, model, ema, optimizer, rng, device)
     elif os.path.exists(ckpt_path):  # never overwrite a run by accident
         raise SystemExit(f"error: {ckpt_path} exists: add --resume to continue that run, or choose another --out")
-
     if master:
-        print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, data {args.data_dir}: "
-              f"{meta['num_images']} images {meta['shape']}, {meta['num_captions']} captions, device {device}"
-              + (f" x {world_size} processes" if ddp else "") + (f", resuming at step {start}" if args.resume else ""))
-        log_path, lines = os.path.join(args.out, "log.csv"), [LOG_HEADER]
-        try:
-            os.makedirs(args.out, exist_ok=True)
-            if start and os.path.exists(log_path):  # resuming: keep the log up to the checkpoint, drop lost steps
-                with open(log_path, newline="") as f:
-                    lines += [line for line in list(csv.reader(f))[1:] if int(line[0]) <= start]
-            log = open(log_path, "w", newline="")
-        except OSError as e:
-            raise SystemExit(f"error: cannot write to --out {args.out}: {e}")
-        writer = csv.writer(log)
-        writer.writerows(lines)
+        print(f"{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), {recipe}: "
+              f"{args.max_steps} steps at batch {args.batch}, device {device}"
+              + (f" x {world_size} processes" if ddp else "") + (f", resuming at step {start}" if start else ""))
+        print(f"data {args.data_dir}: {meta['num_images']} images {meta['shape']}, {meta['num_captions']} captions")
+        log, writer, log_rows = open_log(args.out, start)
+    level_sum, level_n = torch.zeros(len(LEVELS), device=device), torch.zeros(len(LEVELS), device=device)
     t_start = t_log = time.time()
     saved = start  # the step of the checkpoint on disk (0: none yet)
     bar = tqdm(range(start, args.max_steps + 1), initial=start, total=args.max_steps + 1, desc="train",
                dynamic_ncols=True, disable=not master)
     for step in bar:
-        # --- every N steps and at the end: a checkpoint, then a steps x prompts grid (by rank 0)
+        # every N steps and at the end: a checkpoint, a steps x prompts grid and the level plot (rank 0)
         if step > start and (step % args.sample_every == 0 or step == args.max_steps):
             if master:
                 rng_states = {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state}
@@ -285,14 +363,14 @@ if __name__ == "__main__":
                 save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(),
                                  "optimizer": optimizer.state_dict(), "step": step, "rng": rng_states,
                                  "args": vars(args), "meta": meta, "text_encoder": meta["text_encoder"]}, ckpt_path)
-                images = steps_grid(ema, grid_y, GRID_STEPS, meta, model_d=told_step(vars(args)))  # (P, 1, S, 3, H, W)
-                save_image(images.flatten(0, 2), os.path.join(args.out, f"grid_{step:06d}.png"),
-                           nrow=len(GRID_STEPS), padding=1)
+                images = steps_grid(ema, grid_y, GRID_STEPS, meta, model_d=told_step(vars(args)))
+                save_grid(images, GRID_PROMPTS, GRID_STEPS, os.path.join(args.out, f"grid_{step:06d}.png"))
+                plot_levels(log_rows, os.path.join(args.out, "levels.png"))
             saved = step
         if step == args.max_steps:
             break
 
-        # --- one training step (with DDP: on this rank's rows of the global batch)
+        # one training step (with DDP: on this rank's rows of the global batch)
         if args.lr_schedule == "cosine":
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.max_steps))
@@ -300,15 +378,19 @@ if __name__ == "__main__":
         keep = (torch.rand(args.batch, 1, device=device)[rows] >= args.cfg_dropout).float()
         y = y * keep  # caption dropout: zero rows are the null caption (classifier-free guidance)
         with ctx:
-            x_t, t, d, y, v_target = shortcut_targets(teacher, x1, y, args.bootstrap_every, args.denoise_steps,
-                                                      rank, world_size)
+            if args.objective == "meanflow":  # the JVP runs on the plain online model (not DDP, not compiled)
+                x_t, t, d, y, v_target = meanflow_targets(model, x1, y, rank=rank, world_size=world_size)
+            else:
+                x_t, t, d, y, v_target = shortcut_targets(teacher, x1, y, args.bootstrap_every, args.denoise_steps,
+                                                          rank, world_size)
             v = ddp_model(x_t, t, d, y)
         row_loss = F.mse_loss(v.float(), v_target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        loss = row_loss.mean()
+        # MeanFlow's adaptive weight sg(1 / (mse + 1e-3)) per row (p = 1): each row's loss is ~1, so the rows with
+        # large, noisy JVP targets cannot drown the others. mse is the mean over pixels: 1e-3 is an error floor.
+        loss = (row_loss / (row_loss.detach() + 1e-3) if args.objective == "meanflow" else row_loss).mean()
 
-        # --- NaN guard: a non-finite loss stops us before it reaches the weights, the EMA or a checkpoint. With
-        #     DDP the check is on the sum over ranks, so all stop at the same step. It syncs CPU and GPU every step:
-        #     cheap next to a DiT step, and it names the exact step.
+        # NaN guard: a non-finite loss stops us before it reaches the weights, the EMA or a checkpoint. With DDP
+        # the check is on the sum over ranks, so all stop at the same step. A CPU-GPU sync, cheap next to a step.
         loss_all = loss.detach().clone()
         if ddp:
             dist.all_reduce(loss_all)
@@ -322,21 +404,22 @@ if __name__ == "__main__":
         with torch.no_grad():  # EMA: ema <- decay * ema + (1 - decay) * model
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema_decay)
 
-        # --- log rank 0's rows every log_every steps
+        # log: the mean loss of each level d over rank 0's rows since the last log line
+        level_sum.index_add_(0, level_of(d), row_loss.detach())
+        level_n.index_add_(0, level_of(d), torch.ones_like(row_loss))
         if master and (step + 1) % args.log_every == 0:
             now = time.time()
-            is_flow = d == 1 / args.denoise_steps
-            row_loss = row_loss.detach()
-            loss_boot = row_loss[~is_flow].mean().item() if (~is_flow).any() else float("nan")
             img_s = args.log_every * args.batch / (now - t_log)  # all ranks together
-            writer.writerow([step + 1, f"{loss.item():.5f}", f"{row_loss[is_flow].mean().item():.5f}",
-                             f"{loss_boot:.5f}", f"{img_s:.1f}", f"{now - t_start:.1f}"])
+            means, counts = (level_sum / level_n.clamp(min=1)).tolist(), level_n.tolist()
+            levels = [f"{x:.5f}" if n else "" for x, n in zip(means, counts)]  # "": no row of that level
+            log_rows.append([step + 1, f"{loss.item():.5f}", f"{img_s:.1f}", f"{now - t_start:.1f}", *levels])
+            writer.writerow(log_rows[-1])
             log.flush()
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_s:.0f}")
+            level_sum.zero_(), level_n.zero_()
             t_log = now
     if master:
         log.close()
-        print(f"done: {args.max_steps - start} steps in {(time.time() - t_start) / 60:.1f} min, "
-              f"checkpoint {ckpt_path}")
+        print(f"done: {args.max_steps - start} steps in {(time.time() - t_start) / 60:.1f} min, checkpoint {ckpt_path}")
     if ddp:
         dist.destroy_process_group()
