@@ -157,7 +157,7 @@ def trained(tmp_path_factory):
     r = run(os.path.join(HERE, "prepare_data.py"), "--n", "512", "--out", "data", cwd=root)
     assert r.returncode == 0, r.stderr
     r = run(os.path.join(HERE, "train.py"), "--data-dir", "data", "--out", "out", "--model", "DiT-T/4", "--batch", "32",
-            "--lr", "1e-3", "--predict", "x", "--max-steps", "120", "--log-every", "10", "--sample-every", "60",
+            "--lr", "1e-3", "--predict", "x", "--objective", "shortcut", "--time-scale", "1000", "--max-steps", "120", "--log-every", "10", "--sample-every", "60",
             cwd=root)
     assert r.returncode == 0, r.stderr
     return root
