@@ -4,14 +4,13 @@ same network with MeanFlow's average-velocity targets (Geng et al. 2025).
 
     python train.py                      # the recipe that fits the data found: toyfaces (CPU, ~13 min) or the paper's
     python train.py --batch 32           # the same recipe, a flag given on the command line wins
-    python train.py --objective shortcut --time-scale 1000 --out out_sc     # the shortcut objective on toyfaces
-    python train.py --objective shortcut --bootstrap-every 0 --out out_fm   # the flow-matching baseline
+    python train.py --objective meanflow --time-scale 1 --max-steps 2500 --out out_mf   # MeanFlow, same minutes
+    python train.py --bootstrap-every 0 --out out_fm             # the flow-matching baseline, same script
     python train.py --resume             # after a crash: the same command plus --resume (bit for bit on a CPU)
     torchrun --standalone --nproc_per_node=8 train.py            # DDP on the 8 GPUs of one machine
 
-Recipes (RECIPES below): on data/toyfaces (prepare_data.py's default) a 1.4M-parameter DiT-T/4 trained with
-MeanFlow for 2,500 steps, about 13 minutes on a 2-core CPU; on data/celebahq the paper's shortcut model, DiT-B/2,
-lr 1e-4, EMA 0.999, batch 64, 410k steps. The first line printed names the recipe, the model and the device.
+Recipes (RECIPES below): on data/toyfaces (prepare_data.py's default) a 1.4M-parameter DiT-T/4 for 3,000 steps,
+about 10 minutes on a 2-core CPU; on data/celebahq the paper's DiT-B/2, lr 1e-4, EMA 0.999, batch 64, 410k steps. The first line printed names the recipe, the model and the device.
 Writes to --out: ckpt.pt (a plain dict, loads with weights_only=True, always complete), log.csv (the loss of each
 step-size level d, img/s), levels.png (those losses over training) and grid_<step>.png (fixed prompts at 1, 2, 4
 and 128 steps).
@@ -42,12 +41,12 @@ RECIPES = {  # what `python train.py` trains, by the data set it finds; any flag
     "paper": dict(model="DiT-B/2", batch=64, lr=1e-4, lr_schedule="constant", ema_decay=0.999, bootstrap_every=8,
                   predict="v", objective="shortcut", flow_fraction=0.75, time_scale=1000.0, max_steps=410_000,
                   sample_every=5000),
-    # A 2-core CPU budget (docs/experiments.md): MeanFlow, whose 1-step samples beat the shortcut objective's here
-    # (75% vs 57% of 256, with the data's variety), its t and d embedded x1 (its target differentiates the model
-    # in t and d); an lr 30x the paper's that decays to zero in 2,500 steps, a short EMA, and a network that draws
-    # the clean image (predict x), so 1-step samples carry no grain
+    # A 2-core CPU budget (docs/experiments.md): 3,000 steps need an lr 30x the paper's that decays to zero, a short
+    # EMA (the EMA is the bootstrap teacher: its lag slows how fast the big steps learn), 16 bootstrap rows a batch
+    # instead of 8, and a network that draws the clean image (predict x), so 1-step samples carry no grain.
+    # MeanFlow (--objective meanflow --time-scale 1 --max-steps 2500) is better at 1 step but not at 128.
     "toyfaces": dict(model="DiT-T/4", batch=64, lr=3e-3, lr_schedule="cosine", ema_decay=0.99, bootstrap_every=4,
-                     predict="x", objective="meanflow", flow_fraction=0.75, time_scale=1.0, max_steps=2500,
+                     predict="x", objective="shortcut", flow_fraction=0.75, time_scale=1000.0, max_steps=3000,
                      sample_every=500),
 }
 GRID_PROMPTS = ["a man with glasses", "a smiling woman with red hair", "a woman with blond hair",
@@ -58,16 +57,12 @@ LOG_HEADER = ["step", "loss", "img_per_s", "elapsed_s"] + [f"loss_d{d}" for d in
 
 
 def shortcut_targets(teacher, x1, y, bootstrap_every=8, denoise_steps=128, rank=0, world_size=1):
-    """Algorithm 1 of the paper, as the official code does it. Returns (x_t, t, d, y, v_target) for the whole
-    batch such that the loss is mse(model(x_t, t, d, y), v_target).
-
-    The first B/bootstrap_every rows get self-consistency targets from the teacher (the EMA model), the rest
-    flow-matching targets at the smallest step d = 1/denoise_steps. bootstrap_every=0 is plain flow matching.
-
-    With DDP, x1 and y are rows rank, rank + world_size ... of the global batch of B rows. The random draws are
-    made for all B rows (every rank has the same RNG state) and sliced the same way, so N ranks compute exactly
-    the rows one process would: the same update for any N, and bootstrap rows (teacher calls) on every rank.
-    """
+    """Algorithm 1 of the paper, as the official code does it: (x_t, t, d, y, v_target) such that the loss is
+    mse(model(x_t, t, d, y), v_target). The first B/bootstrap_every rows get self-consistency targets from the
+    teacher (the EMA model), the rest flow-matching targets at d = 1/denoise_steps (bootstrap_every=0: flow
+    matching). With DDP, x1 and y are rows rank, rank + world_size ... of the global batch of B rows: the random
+    draws are made for all B rows (every rank has the same RNG state) and sliced the same way, so N ranks compute
+    exactly the rows one process would."""
     B, device = x1.shape[0] * world_size, x1.device                          # B: the global batch
     rows = slice(rank, None, world_size)                                      # this rank's rows of it
     num_levels = int(math.log2(denoise_steps))  # 7 bootstrap levels: d = 1, 1/2 ... 1/64
@@ -177,18 +172,14 @@ def parse_args():
     parser.add_argument("--out", default="out")
     parser.add_argument("--model", choices=list(DiT_models))
     parser.add_argument("--batch", type=positive_int, help="global batch, split across DDP processes")
-    parser.add_argument("--predict", choices=["v", "x"], help="the network outputs the velocity (the paper) or "
-                        "the clean image x1 (small models on pixels)")
+    parser.add_argument("--predict", choices=["v", "x"], help="the network outputs v (the paper) or x1 (pixels)")
     parser.add_argument("--lr", type=float)
-    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], help="constant (the paper) or cosine "
-                        "decay to 0 at --max-steps (short runs)")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], help="cosine: decay to 0 at --max-steps")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--ema-decay", type=float)
-    parser.add_argument("--objective", choices=["shortcut", "meanflow"], help="how the big steps learn: "
-                        "self-consistency (Frans et al. 2024) or MeanFlow's average velocity (Geng et al. 2025)")
+    parser.add_argument("--objective", choices=["shortcut", "meanflow"], help="how the big steps learn")
     parser.add_argument("--flow-fraction", type=float, help="meanflow: the fraction of rows with d = 0 (target v)")
-    parser.add_argument("--time-scale", type=float, help="t and d are multiplied by this before their sinusoidal "
-                        "embedding: 1000 (DiT, the paper) or 1 (MeanFlow differentiates the model in t and d)")
+    parser.add_argument("--time-scale", type=float, help="t and d x this before their embedding (1000 or 1)")
     parser.add_argument("--bootstrap-every", type=int, help="1/N of each batch is self-consistency; 0 = flow matching")
     parser.add_argument("--denoise-steps", type=int, default=128, help="smallest step 1/M; sampling allows up to M steps")
     parser.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of captions replaced by the null one")
@@ -232,9 +223,8 @@ def setup_ddp():
 
 
 def save_checkpoint(ckpt, path):
-    """Write a temporary file in the same directory, fsync it, rename it over path. The rename is atomic, so path
-    is always the previous complete checkpoint or the new complete one, whatever stops us mid-write (a kill, a
-    power cut, a full disk). A failed write is one line and leaves the previous checkpoint untouched."""
+    """Write a temporary file beside path, fsync it, rename it over path: the rename is atomic, so path is always a
+    complete checkpoint, whatever stops us mid-write. A failed write is one line and leaves the previous one."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
