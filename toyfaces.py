@@ -194,10 +194,6 @@ def shows(read, prompt):
     return read is not None and all(read[k] == v for k, v in parse_prompt(prompt).items())
 
 
-def prompt_accuracy(images, prompt):
-    """Fraction of images that are faces and show every attribute the prompt names."""
-    return float(np.mean([shows(r, prompt) for r in read_attributes(images)]))
-
 # -----------------------------------------------------------------------------
 # captions
 
