@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fid import FIDInceptionV3, compute_stats, frechet_distance, inception_features
 from model import DiT, DiT_models
 from sample import autocast, sample, to_images
-from train import meanflow_targets, shortcut_targets
+from train import meanflow_targets, meanflow_weighted, shortcut_targets
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)  # stabilityai/sd-vae-ft-mse's config
 LATENT_SCALE = 0.18215
@@ -126,7 +126,7 @@ def make_train_step(model, optimizer, bootstrap_every, ctx, compile=False, ema_d
                 x_t, t, d, y, v_target = shortcut_targets(teacher, x1, y, bootstrap_every)
             v = student(x_t, t, d, y)
         row_loss = F.mse_loss(v.float(), v_target.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = (row_loss / (row_loss.detach() + 1e-3) if objective == "meanflow" else row_loss).mean()
+        loss = (meanflow_weighted(row_loss) if objective == "meanflow" else row_loss).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

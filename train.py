@@ -151,6 +151,12 @@ def meanflow_targets(model, x1, y, flow_fraction=0.75, rank=0, world_size=1):
     return x_t, t, d, y, v_target.detach()
 
 
+def meanflow_weighted(row_loss):
+    """MeanFlow's adaptive weight sg(1 / (mse + 1e-3)) per row (p = 1): each row's loss is ~1, so the rows with
+    large, noisy JVP targets cannot drown the others. mse is the mean over pixels, so 1e-3 is an error floor."""
+    return row_loss / (row_loss.detach() + 1e-3)
+
+
 def level_of(d):
     """The index into LEVELS of each row's step size: d = 2^-k -> k; flow rows (d <= 1/128) -> 7."""
     return (-torch.log2(d.float().clamp(min=1 / 128))).round().long().clamp(0, 7)
@@ -200,8 +206,8 @@ def apply_recipe(args, meta):
     """Fill the flags not given from the recipe of the data set. -> 'toyfaces recipe' (+ ', --lr 0.001' for each
     flag given that differs from it)."""
     name = "toyfaces" if meta["dataset"] == "toyfaces" else "paper"
-    changed = "".join(f", --{k.replace('_', '-')} {getattr(args, k):g}" if isinstance(v, float) else
-                      f", --{k.replace('_', '-')} {getattr(args, k)}"
+    shown = lambda value: f"{value:g}" if isinstance(value, float) else value  # 1.0 -> 1, 0.001 stays
+    changed = "".join(f", --{k.replace('_', '-')} {shown(getattr(args, k))}"
                       for k, v in RECIPES[name].items() if getattr(args, k) not in (None, v))
     for k, v in RECIPES[name].items():
         if getattr(args, k) is None:
@@ -384,9 +390,7 @@ if __name__ == "__main__":
                                                           rank, world_size)
             v = ddp_model(x_t, t, d, y)
         row_loss = F.mse_loss(v.float(), v_target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        # MeanFlow's adaptive weight sg(1 / (mse + 1e-3)) per row (p = 1): each row's loss is ~1, so the rows with
-        # large, noisy JVP targets cannot drown the others. mse is the mean over pixels: 1e-3 is an error floor.
-        loss = (row_loss / (row_loss.detach() + 1e-3) if args.objective == "meanflow" else row_loss).mean()
+        loss = (meanflow_weighted(row_loss) if args.objective == "meanflow" else row_loss).mean()
 
         # NaN guard: a non-finite loss stops us before it reaches the weights, the EMA or a checkpoint. With DDP
         # the check is on the sum over ranks, so all stop at the same step. A CPU-GPU sync, cheap next to a step.
@@ -404,8 +408,9 @@ if __name__ == "__main__":
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema_decay)
 
         # log: the mean loss of each level d over rank 0's rows since the last log line
-        level_sum.index_add_(0, level_of(d), row_loss.detach())
-        level_n.index_add_(0, level_of(d), torch.ones_like(row_loss))
+        level = level_of(d)
+        level_sum.index_add_(0, level, row_loss.detach())
+        level_n.index_add_(0, level, torch.ones_like(row_loss))
         if master and (step + 1) % args.log_every == 0:
             now = time.time()
             img_s = args.log_every * args.batch / (now - t_log)  # all ranks together
