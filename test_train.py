@@ -254,6 +254,8 @@ BAD = {
                                   "this run is DiT-T/4 --predict x --time-scale 1000 on"),
     "--resume other time scale": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--time-scale", "1"],
                                   "this run is DiT-T/4 --predict v --time-scale 1 on"),
+    "flow fraction above 1": (lambda data, tmp: ["--objective", "meanflow", "--flow-fraction", "1.5"],
+                              "need 0 <= --flow-fraction <= 1 and --time-scale > 0, got 1.5 and 1000"),
     "--resume other data shape": (other_resolution, "is DiT-T/4 --predict v --time-scale 1000 on [3, 16, 16] data "
                                                     "with 64-dim text features, this run is DiT-T/4 --predict v "
                                                     "--time-scale 1000 on [3, 8, 8] with 64-dim"),

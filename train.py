@@ -306,6 +306,8 @@ if __name__ == "__main__":
     parser, args = parse_args()
     meta, x1_all, features, caption_image = load_data(args.data_dir)
     recipe = apply_recipe(args, meta)
+    if not (0 <= args.flow_fraction <= 1 and args.time_scale > 0):
+        parser.error(f"need 0 <= --flow-fraction <= 1 and --time-scale > 0, got {args.flow_fraction} and {args.time_scale}")
     if args.batch > meta["num_images"]:
         parser.error(f"--batch {args.batch} is larger than the data set ({meta['num_images']} images in {args.data_dir})")
     ddp, rank, world_size, local_rank, device = setup_ddp()
