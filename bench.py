@@ -10,7 +10,7 @@ Benchmark: training throughput and MFU, few-step sampling with VAE decode, Incep
 Prints one line per figure and writes them all to --out as JSON, with the device, torch version and date.
 Weights and data are random (the time does not depend on them) and of the real shapes: the DiT of model.py, the
 SD-VAE architecture from its config (stabilityai/sd-vae-ft-mse), the FID Inception of fid.py. The training step
-is train.py's (shortcut_targets, the model in bf16 autocast on CUDA, AdamW, EMA) on cached latents already on the
+is train.py's (objectives.shortcut, the model in bf16 autocast on CUDA, AdamW, EMA) on cached latents already on the
 device (train.py copies each batch from pinned memory while the GPU works). Timings are the steady state after
 warm-up (torch.compile, cuDNN autotuning and the allocator settle in the first calls).
 
@@ -37,7 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from fid import FIDInceptionV3, compute_stats, frechet_distance, inception_features
 from model import DiT, DiT_models
 from sample import autocast, sample, to_images
-from train import meanflow_targets, meanflow_weighted, shortcut_targets
+from objectives import ADAPTIVE, adaptive_weighted
+from train import draw_rows, targets
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)  # stabilityai/sd-vae-ft-mse's config
 LATENT_SCALE = 0.18215
@@ -90,7 +91,7 @@ def count_flops(fn):
 def train_flops_per_image(model, batch, bootstrap_every):
     """Model FLOPs of one shortcut training step per image: the student's forward and backward (3 forwards) on
     every row, plus the teacher's two half-step forwards on the B / bootstrap_every bootstrap rows."""
-    n_boot = min(max(batch // bootstrap_every, 1), batch - 1) if bootstrap_every else 0  # as shortcut_targets
+    n_boot = min(max(batch // bootstrap_every, 1), batch - 1) if bootstrap_every else 0  # as objectives.shortcut_times
     return model.flops_per_image() * (3 + 2 * n_boot / batch)
 
 
@@ -118,15 +119,16 @@ def make_train_step(model, optimizer, bootstrap_every, ctx, compile=False, ema_d
     student, teacher = (torch.compile(model), torch.compile(ema)) if compile else (model, ema)
     params, ema_params = list(model.parameters()), list(ema.parameters())
 
+    args = argparse.Namespace(objective=objective, bootstrap_every=bootstrap_every, denoise_steps=128,
+                              flow_fraction=0.75, tangent="v")
+
     def step(x1, y):
+        x0, t, d, n_big = draw_rows(args, x1.shape[0], x1.shape[1:], device=x1.device)
         with ctx:
-            if objective == "meanflow":
-                x_t, t, d, y, v_target = meanflow_targets(model, x1, y)
-            else:
-                x_t, t, d, y, v_target = shortcut_targets(teacher, x1, y, bootstrap_every)
-            v = student(x_t, t, d, y)
-        row_loss = F.mse_loss(v.float(), v_target.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = (meanflow_weighted(row_loss) if objective == "meanflow" else row_loss).mean()
+            x_t, s_target = targets(args, model, teacher, x0, x1, y, t, d, n_big, progress=0.5)
+            s = student(x_t, t, d, y)
+        row_loss = F.mse_loss(s.float(), s_target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = (adaptive_weighted(row_loss) if objective in ADAPTIVE else row_loss).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -286,13 +288,15 @@ def main(argv=None):
                + (f", peak memory {mem:.1f} GiB" if mem is not None else ""),
                img_per_s=B / sec, step_ms=sec * 1e3, tflops=tflops, mfu=tflops / peak if peak else None,
                peak_mem_gib=mem)
-    out = guarded("train_meanflow", lambda: bench_train(cfg, shape, device, iters, warmup, naive=False,
-                                                        compile=args.compile, objective="meanflow"))
-    if out and "step_ms" in results["train"]:
-        ratio = out[0] / results["train"]["step_ms"] * 1e3
-        report("train_meanflow", f"batch {B}: {B / out[0]:,.1f} img/s ({out[0] * 1e3:.1f} ms/step: --objective "
-               f"meanflow, one JVP on 1/4 of the rows) = {ratio:.2f}x the shortcut step's time",
-               img_per_s=B / out[0], step_ms=out[0] * 1e3, vs_shortcut=ratio)
+    for objective, what in (("flow", "flow matching, no teacher"), ("meanflow", "one JVP on 1/4 of the rows"),
+                            ("alphaflow", "one batched no-grad forward on 1/4 of the rows, two each")):
+        out = guarded(f"train_{objective}", lambda: bench_train(cfg, shape, device, iters, warmup, naive=False,
+                                                                compile=args.compile, objective=objective))
+        if out and "step_ms" in results["train"]:
+            ratio = out[0] / results["train"]["step_ms"] * 1e3
+            report(f"train_{objective}", f"batch {B}: {B / out[0]:,.1f} img/s ({out[0] * 1e3:.1f} ms/step: "
+                   f"--objective {objective}, {what}) = {ratio:.2f}x the shortcut step's time",
+                   img_per_s=B / out[0], step_ms=out[0] * 1e3, vs_shortcut=ratio)
     if args.baseline:
         out = guarded("train_baseline", lambda: bench_train(cfg, shape, device, iters, min(warmup, 2), naive=True,
                                                             compile=False, vae=vae))

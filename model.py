@@ -130,19 +130,14 @@ class FinalLayer(nn.Module):
 # -----------------------------------------------------------------------------
 # The model
 
-X_PRED_MIN_1MT = 0.25  # --predict x: the floor on 1 - t. The loss on v weighs an error in x1 by 1 / (1 - t)^2;
-                       # the floor caps that at 16, so the nearly clean steps do not drown the noisy ones that
-                       # decide the picture (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise",
-                       # floor at 0.05; on toyfaces 0.25 doubled the 1-step accuracy, see README)
-
-
 class DiT(nn.Module):
     def __init__(self, input_size=32, in_channels=4, feature_dim=512,
-                 hidden_size=768, depth=12, num_heads=12, patch_size=2, mlp_ratio=4.0, predict="v", time_scale=1000.0):
+                 hidden_size=768, depth=12, num_heads=12, patch_size=2, mlp_ratio=4.0, predict="v", time_scale=1000.0, x_floor=0.25):
         super().__init__()
         assert predict in ("v", "x"), predict
         self.input_size, self.in_channels, self.feature_dim = input_size, in_channels, feature_dim
         self.predict = predict  # what the last layer outputs: the velocity (the paper) or the clean image x1
+        self.x_floor = x_floor  # predict="x": the floor on 1 - t, set by the objective (objectives.X_FLOOR)
         self.patch_size, self.num_heads = patch_size, num_heads
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         # time_scale multiplies t and d before the sinusoids: 1000 (DiT, the paper) or 1 for MeanFlow, whose
@@ -203,8 +198,9 @@ class DiT(nn.Module):
         # x-prediction: out is the clean image x1, and the velocity follows from x_t = t*x1 + (1 - t)*x0:
         # v = x1 - x0 = (x1 - x_t) / (1 - t). The noise in x_t bypasses the network, so a 1-step sample
         # x0 + v = out is as clean as the image the network draws, instead of x0 minus an imperfect copy of x0
-        # (grain). 1 - t is floored at X_PRED_MIN_1MT so the loss, still taken on v, stays bounded near t = 1.
-        return (out - x_t) / (1 - t).clamp(min=X_PRED_MIN_1MT).view(-1, 1, 1, 1)
+        # (grain). 1 - t is floored at x_floor so the loss, still taken on v, stays bounded near t = 1 (Li & He
+        # 2025, "Back to Basics: Let Denoising Generative Models Denoise", floor at 0.05).
+        return (out - x_t) / (1 - t).clamp(min=self.x_floor).view(-1, 1, 1, 1)
 
     def flops_per_image(self):
         """FLOPs of one forward pass for one image, a multiply-add counted as 2 FLOPs (for MFU).

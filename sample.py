@@ -68,7 +68,7 @@ def load_checkpoint(path, device):
         meta, args = ckpt["meta"], ckpt["args"]
         model = DiT(**DiT_models[args["model"]], input_size=meta["shape"][1], in_channels=meta["shape"][0],
                     feature_dim=meta["feature_dim"], predict=args.get("predict", "v"),
-                    time_scale=args.get("time_scale", 1000.0)).to(device)
+                    time_scale=args.get("time_scale", 1000.0), x_floor=args.get("x_floor", 0.25)).to(device)
         model.load_state_dict(ckpt["ema"])  # the EMA weights are the ones to sample with
     except Exception as e:  # missing keys, shape mismatch ...
         raise SystemExit(f"error: cannot load checkpoint {path}: {str(e).splitlines()[0]}")
@@ -84,11 +84,13 @@ def autocast(device):
 
 
 def told_step(train_args):
-    """The step size d to tell a checkpoint's model: None (the step it takes) for a shortcut or MeanFlow model; a
-    flow-matching baseline (shortcut objective, --bootstrap-every 0) only ever saw the smallest step, 1/denoise_steps."""
-    if train_args.get("objective", "shortcut") == "meanflow":
-        return None
-    return 1 / train_args["denoise_steps"] if train_args["bootstrap_every"] == 0 else None
+    """The step size d to tell a checkpoint's model: None (the step it takes) for a model that learnt big steps; a
+    flow-matching model (--objective flow, or shortcut with --bootstrap-every 0) only ever saw the smallest step,
+    1/denoise_steps."""
+    objective = train_args.get("objective", "shortcut")
+    if objective == "flow" or (objective == "shortcut" and train_args["bootstrap_every"] == 0):
+        return 1 / train_args["denoise_steps"]
+    return None
 
 
 def to_images(x, meta):

@@ -23,7 +23,7 @@ import torch
 
 from prepare_data import prepare_toyfaces
 from sample import load_checkpoint, told_step
-from train import RECIPES, apply_recipe, shortcut_targets
+from train import RECIPES, apply_recipe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "train.py")
@@ -87,23 +87,6 @@ def copy_run(run, tmp_path):
 
 
 # ---------------------------------------------------------------------------- DDP: the global batch, split
-
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_targets_of_each_rank_are_its_rows_of_the_global_batch(world_size):
-    def teacher(x, t, d, y):  # a fixed nonlinear function of every input
-        return torch.sin(x) + (t + 3 * d).view(-1, 1, 1, 1) + y.mean(dim=1).view(-1, 1, 1, 1)
-
-    x1, y = torch.randn(16, 3, 4, 4), torch.randn(16, 5)
-    torch.manual_seed(3)
-    full = shortcut_targets(teacher, x1, y, bootstrap_every=4)
-    for rank in range(world_size):
-        torch.manual_seed(3)  # every rank has the same RNG state
-        part = shortcut_targets(teacher, x1[rank::world_size], y[rank::world_size], 4, rank=rank,
-                                world_size=world_size)
-        for a, b in zip(full, part):
-            assert torch.equal(a[rank::world_size], b)
-        assert (part[2] > 1 / 128).sum() == 4 // world_size  # the 4 bootstrap rows are spread over the ranks
-
 
 def test_ddp_two_processes_take_the_same_step_as_one(data, tmp_path, monkeypatch):
     """torchrun, 2 CPU processes over gloo, batch 2 x 4 vs one process with batch 8: one step each."""
@@ -248,17 +231,22 @@ BAD = {
     "--resume truncated checkpoint": (truncated_checkpoint, "cannot load checkpoint"),
     "--resume older checkpoint": (checkpoint_without_rng, "cannot resume from"),
     "--resume other model": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--model", "DiT-T/2"],
-                             "is DiT-T/4 --predict v --time-scale 1000 on [3, 16, 16] data with 64-dim text "
-                             "features, this run is DiT-T/2 --predict v --time-scale 1000 on [3, 16, 16] with 64-dim"),
+                             "is DiT-T/4 --objective shortcut --predict v --x-floor 0.25 --time-scale 1000 on [3, 16, 16] "
+                             "data with 64-dim text features, this run is DiT-T/2 --objective shortcut --predict v "
+                             "--x-floor 0.25 --time-scale 1000 on [3, 16, 16] with 64-dim"),
     "--resume other prediction": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--predict", "x"],
-                                  "this run is DiT-T/4 --predict x --time-scale 1000 on"),
+                                  "this run is DiT-T/4 --objective shortcut --predict x --x-floor 0.25 --time-scale"),
+    "--resume other floor": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--x-floor", "0.02"],
+                             "this run is DiT-T/4 --objective shortcut --predict v --x-floor 0.02 --time-scale"),
+    "--resume other objective": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--objective", "meanflow"],
+                                 "this run is DiT-T/4 --objective meanflow --predict v --x-floor 0.02 --time-scale"),
     "--resume other time scale": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--time-scale", "1"],
-                                  "this run is DiT-T/4 --predict v --time-scale 1 on"),
+                                  "--x-floor 0.25 --time-scale 1 on [3, 16, 16]"),
     "flow fraction above 1": (lambda data, tmp: ["--objective", "meanflow", "--flow-fraction", "1.5"],
                               "need 0 <= --flow-fraction <= 1 and --time-scale > 0, got 1.5 and 1000"),
-    "--resume other data shape": (other_resolution, "is DiT-T/4 --predict v --time-scale 1000 on [3, 16, 16] data "
-                                                    "with 64-dim text features, this run is DiT-T/4 --predict v "
-                                                    "--time-scale 1000 on [3, 8, 8] with 64-dim"),
+    "--resume other data shape": (other_resolution, "--time-scale 1000 on [3, 16, 16] data with 64-dim text "
+                                                    "features, this run is DiT-T/4 --objective shortcut --predict v "
+                                                    "--x-floor 0.25 --time-scale 1000 on [3, 8, 8] with 64-dim"),
 }
 
 

@@ -23,17 +23,16 @@ import math
 import os
 import shutil
 import time
-import warnings
-
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import DiT, DiT_models
+from objectives import (ADAPTIVE, OBJECTIVES, X_FLOOR, adaptive_weighted, alpha_flow, alpha_schedule, flow_matching,
+                        interval_times, meanflow, shortcut, shortcut_times)
 from prepare_data import encode_text, load_data, load_vae
 from sample import autocast, one_line_errors, read_checkpoint, save_grid, save_plot, steps_grid, told_step
 
@@ -56,105 +55,30 @@ LEVELS = [f"1/{2 ** k}" if k else "1" for k in range(8)]  # the step sizes d = 1
 LOG_HEADER = ["step", "loss", "img_per_s", "elapsed_s"] + [f"loss_d{d}" for d in LEVELS]
 
 
-def shortcut_targets(teacher, x1, y, bootstrap_every=8, denoise_steps=128, rank=0, world_size=1):
-    """Algorithm 1 of the paper, as the official code does it: (x_t, t, d, y, v_target) such that the loss is
-    mse(model(x_t, t, d, y), v_target). The first B/bootstrap_every rows get self-consistency targets from the
-    teacher (the EMA model), the rest flow-matching targets at d = 1/denoise_steps (bootstrap_every=0: flow
-    matching). With DDP, x1 and y are rows rank, rank + world_size ... of the global batch of B rows: the random
-    draws are made for all B rows (every rank has the same RNG state) and sliced the same way, so N ranks compute
-    exactly the rows one process would."""
-    B, device = x1.shape[0] * world_size, x1.device                          # B: the global batch
-    rows = slice(rank, None, world_size)                                      # this rank's rows of it
-    num_levels = int(math.log2(denoise_steps))  # 7 bootstrap levels: d = 1, 1/2 ... 1/64
-    n_boot = 0 if bootstrap_every == 0 else min(max(B // bootstrap_every, 1), B - 1)
-
-    # 1. x0 ~ N(0, I): the noise end of each row's straight path to its data point x1.
-    x0 = torch.randn(B, *x1.shape[1:], device=device)[rows]
-
-    # 2. Bootstrap rows: level k gives d = 2^-k. The levels are a randomly rotated 0, 1 ... 6, 0, 1 ... so every
-    #    level gets rows even in small batches (the official fixed schedule drops some: its issues #10, #11).
-    #    t is a multiple of d, t in {0, d ... 1 - d}, so that t + d <= 1.
-    k = (torch.randint(num_levels, (1,), device=device) + torch.arange(n_boot, device=device)) % num_levels
-    d_boot = 2.0 ** -k.float()
-    t_boot = torch.floor(torch.rand(n_boot, device=device) * 2 ** k) * d_boot
-
-    # 3. Flow rows: the smallest step d = 1/128 (the paper's "d = 0") and t on the 128-point grid.
-    t_flow = torch.randint(denoise_steps, (B - n_boot,), device=device) / denoise_steps
-    d_flow = torch.full((B - n_boot,), 1 / denoise_steps, device=device)
-    t, d = torch.cat([t_boot, t_flow])[rows], torch.cat([d_boot, d_flow])[rows]  # (B / world_size,) each
-    n_boot = len(range(rank, n_boot, world_size))  # the global batch's first rows are this rank's first rows
-
-    # 4. Noise the data: x_t = (1 - (1 - 1e-5) t) x0 + t x1 (the 1e-5 keeps a sliver of noise at t = 1).
-    t_ = t.view(-1, 1, 1, 1)
-    x_t = (1 - (1 - 1e-5) * t_) * x0 + t_ * x1
-
-    # 5. Flow-matching target for every row: the velocity of the straight path.
-    v_target = x1 - (1 - 1e-5) * x0
-
-    # 6. Self-consistency target for the bootstrap rows: two teacher steps of d/2 make one step of d.
-    #    The teacher runs without gradient: the student learns the big step from its own (EMA) small steps.
-    if n_boot > 0:
-        with torch.no_grad():
-            xb, tb, yb, half = x_t[:n_boot], t[:n_boot], y[:n_boot], d[:n_boot] / 2
-            v1 = teacher(xb, tb, half, yb)
-            x_mid = (xb + half.view(-1, 1, 1, 1) * v1).clamp(-4, 4)             # clipped as the official code
-            v2 = teacher(x_mid, tb + half, half, yb)
-            v_target[:n_boot] = ((v1 + v2) / 2).clamp(-4, 4)
-    return x_t, t, d, y, v_target
+def draw_rows(args, B, shape, rank=0, world_size=1, device="cpu"):
+    """The noise x0 and the objective's (t, d) for all B rows of the global batch, then this rank's rows
+    rank, rank + world_size ...: every rank has the same RNG state, so N ranks compute exactly the rows one process
+    would. -> (x0, t, d, n_big): n_big of this rank's rows, the first ones, take big steps."""
+    x0 = torch.randn(B, *shape, device=device)
+    if args.objective in ADAPTIVE:
+        t, d, n_big = interval_times(B, args.flow_fraction, device)
+    else:
+        t, d, n_big = shortcut_times(B, args.bootstrap_every if args.objective == "shortcut" else 0,
+                                     args.denoise_steps, device)
+    rows = slice(rank, None, world_size)
+    return x0[rows], t[rows], d[rows], len(range(rank, n_big, world_size))
 
 
-def meanflow_targets(model, x1, y, flow_fraction=0.75, rank=0, world_size=1):
-    """MeanFlow (Geng et al. 2025, Algorithm 1) in this repo's convention: t = 0 noise, t = 1 data, and the model
-    s(x_t, t, d) is the average velocity over [t, t + d], x_{t+d} = x_t + d s. Holding the end t + d fixed and
-    differentiating d s = x_{t+d} - x_t in t (dx_t/dt = v, dd/dt = -1) gives s = v + d (J_x s v + ds/dt - ds/dd):
-    that right side, one forward-mode derivative along (v, 1, -1), is the target. Returns (x_t, t, d, y, v_target)
-    like shortcut_targets: the first rows are intervals (d > 0), the last flow_fraction of them flow rows (d = 0,
-    target v). model is the plain online model (not DDP-wrapped, not compiled); DDP rows as in shortcut_targets.
-    """
-    B, device = x1.shape[0] * world_size, x1.device                          # B: the global batch
-    rows = slice(rank, None, world_size)                                      # this rank's rows of it
-    n_int = B - round(flow_fraction * B)                                      # interval rows (global)
-
-    # 1. x0 ~ N(0, I): the noise end of each row's straight path to its data point x1.
-    x0 = torch.randn(B, *x1.shape[1:], device=device)[rows]
-
-    # 2. Interval rows: two uniform times, t = the smaller, t + d = the larger: every [t, t + d] equally likely.
-    pair = torch.rand(n_int, 2, device=device)
-    t_int, end = pair.min(dim=1).values, pair.max(dim=1).values
-
-    # 3. Flow rows: d = 0 (the instantaneous velocity) and t ~ U[0, 1] on its own. NOT the smaller of two draws
-    #    (density 2 (1 - t)): that starves t near 1, the last, detail-drawing steps of a many-step sample.
-    t_flow = torch.rand(B - n_int, device=device)
-    t = torch.cat([t_int, t_flow])[rows]
-    d = torch.cat([end - t_int, torch.zeros(B - n_int, device=device)])[rows]  # (B / world_size,) each
-    n_int = len(range(rank, n_int, world_size))  # the global batch's first rows are this rank's first rows
-
-    # 4. Noise the data: x_t = (1 - (1 - 1e-5) t) x0 + t x1 (the 1e-5 keeps a sliver of noise at t = 1).
-    t_ = t.view(-1, 1, 1, 1)
-    x_t = (1 - (1 - 1e-5) * t_) * x0 + t_ * x1
-
-    # 5. The conditional velocity dx_t/dt: the target of the flow rows, and the x-tangent of the JVP.
-    v = x1 - (1 - 1e-5) * x0
-    v_target = v.clone()
-
-    # 6. Interval rows: ds/dt along the path with the end fixed, ONE forward-mode JVP of the online model along
-    #    (dx, dt, dd) = (v, 1, -1), without gradient. The fused CPU attention has no forward-mode derivative; the
-    #    MATH backend (plain softmax) has.
-    if n_int > 0:
-        xi, ti, di, yi, vi = x_t[:n_int], t[:n_int], d[:n_int], y[:n_int], v[:n_int]
-        ones = torch.ones_like(ti)
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated")  # said by torch.func itself
-            _, ds_dt = torch.func.jvp(lambda x, tt, dd: model(x, tt, dd, yi), (xi, ti, di), (vi, ones, -ones))
-        # 7. s_target = v + d ds/dt: the velocity at t and the model's own average over the rest of the interval.
-        v_target[:n_int] = vi + di.view(-1, 1, 1, 1) * ds_dt
-    return x_t, t, d, y, v_target.detach()
-
-
-def meanflow_weighted(row_loss):
-    """MeanFlow's adaptive weight sg(1 / (mse + 1e-3)) per row (p = 1): each row's loss is ~1, so the rows with
-    large, noisy JVP targets cannot drown the others. mse is the mean over pixels, so 1e-3 is an error floor."""
-    return row_loss / (row_loss.detach() + 1e-3)
+def targets(args, model, teacher, x0, x1, y, t, d, n_big, progress):
+    """(x_t, s_target) of args.objective: they differ in one line, the big steps' target (objectives.py).
+    model: the plain online model (the JVP cannot run through DDP or torch.compile); teacher: the EMA."""
+    if args.objective == "flow":
+        return flow_matching(x0, x1, t)
+    if args.objective == "shortcut":
+        return shortcut(teacher, x0, x1, y, t, d, n_big)
+    if args.objective == "meanflow":
+        return meanflow(model, x0, x1, y, t, d, n_big, args.tangent)
+    return alpha_flow(model, x0, x1, y, t, d, n_big, alpha_schedule(progress))
 
 
 def level_of(d):
@@ -183,8 +107,11 @@ def parse_args():
     parser.add_argument("--lr-schedule", choices=["constant", "cosine"], help="cosine: decay to 0 at --max-steps")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--ema-decay", type=float)
-    parser.add_argument("--objective", choices=["shortcut", "meanflow"], help="how the big steps learn")
-    parser.add_argument("--flow-fraction", type=float, help="meanflow: the fraction of rows with d = 0 (target v)")
+    parser.add_argument("--objective", choices=OBJECTIVES, help="how the big steps learn (objectives.py)")
+    parser.add_argument("--flow-fraction", type=float, help="meanflow, alphaflow: the fraction of rows with d = 0")
+    parser.add_argument("--tangent", choices=["v", "model"], default="v",
+                        help="meanflow: the JVP's x-tangent, the data's v or the model's own (improved MeanFlow)")
+    parser.add_argument("--x-floor", type=float, help="--predict x: the floor on 1 - t (default: the objective's)")
     parser.add_argument("--time-scale", type=float, help="t and d x this before their embedding (1000 or 1)")
     parser.add_argument("--bootstrap-every", type=int, help="1/N of each batch is self-consistency; 0 = flow matching")
     parser.add_argument("--denoise-steps", type=int, default=128, help="smallest step 1/M; sampling allows up to M steps")
@@ -255,14 +182,15 @@ def resume(ckpt_path, args, meta, model, ema, optimizer, rng, device):
     ckpt = read_checkpoint(ckpt_path, "cpu")  # on the CPU: RNG states must be CPU tensors
     try:
         a = ckpt["args"]
-        theirs = (f"{a['model']} --predict {a.get('predict', 'v')} --time-scale {a.get('time_scale', 1000.0):g}",
+        theirs = (f"{a['model']} --objective {a.get('objective', 'shortcut')} --predict {a.get('predict', 'v')} "
+                  f"--x-floor {a.get('x_floor', 0.25):g} --time-scale {a.get('time_scale', 1000.0):g}",
                   ckpt["meta"]["shape"], ckpt["meta"]["feature_dim"])
-        ours = (f"{args.model} --predict {args.predict} --time-scale {args.time_scale:g}", meta["shape"],
-                meta["feature_dim"])
+        ours = (f"{args.model} --objective {args.objective} --predict {args.predict} --x-floor {args.x_floor:g} "
+                f"--time-scale {args.time_scale:g}", meta["shape"], meta["feature_dim"])
         if theirs != ours:
             raise SystemExit(f"error: {ckpt_path} is {theirs[0]} on {theirs[1]} data with {theirs[2]}-dim text "
                              f"features, this run is {ours[0]} on {ours[1]} with {ours[2]}-dim: resume with "
-                             "the --model, --predict, --time-scale and --data-dir it was trained with")
+                             "the --model, --objective, --predict, --x-floor, --time-scale and --data-dir it was trained with")
         if ckpt["step"] > args.max_steps:
             raise SystemExit(f"error: {ckpt_path} is at step {ckpt['step']}, beyond --max-steps {args.max_steps}")
         model.load_state_dict(ckpt["model"])
@@ -306,6 +234,8 @@ if __name__ == "__main__":
     parser, args = parse_args()
     meta, x1_all, features, caption_image = load_data(args.data_dir)
     recipe = apply_recipe(args, meta)
+    if args.x_floor is None:  # the floor on 1 - t belongs to the objective's loss weighting (objectives.X_FLOOR)
+        args.x_floor = X_FLOOR[args.objective]
     if not (0 <= args.flow_fraction <= 1 and args.time_scale > 0):
         parser.error(f"need 0 <= --flow-fraction <= 1 and --time-scale > 0, got {args.flow_fraction} and {args.time_scale}")
     if args.batch > meta["num_images"]:
@@ -330,7 +260,7 @@ if __name__ == "__main__":
 
     # the model, its EMA (the bootstrap teacher and the weights we sample with), AdamW
     model = DiT(**DiT_models[args.model], input_size=meta["shape"][1], in_channels=meta["shape"][0],
-                feature_dim=meta["feature_dim"], predict=args.predict, time_scale=args.time_scale).to(device)
+                feature_dim=meta["feature_dim"], predict=args.predict, time_scale=args.time_scale, x_floor=args.x_floor).to(device)
     model.y_embedder.set_feature_stats(torch.from_numpy(features).to(device))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     # compiled views share the parameters; we save and sample with the plain modules, so no "_orig_mod." keys
@@ -384,15 +314,12 @@ if __name__ == "__main__":
         x1, y = get_batch()
         keep = (torch.rand(args.batch, 1, device=device)[rows] >= args.cfg_dropout).float()
         y = y * keep  # caption dropout: zero rows are the null caption (classifier-free guidance)
+        x0, t, d, n_big = draw_rows(args, args.batch, x1.shape[1:], rank, world_size, device)
         with ctx:
-            if args.objective == "meanflow":  # the JVP runs on the plain online model (not DDP, not compiled)
-                x_t, t, d, y, v_target = meanflow_targets(model, x1, y, args.flow_fraction, rank, world_size)
-            else:
-                x_t, t, d, y, v_target = shortcut_targets(teacher, x1, y, args.bootstrap_every, args.denoise_steps,
-                                                          rank, world_size)
-            v = ddp_model(x_t, t, d, y)
-        row_loss = F.mse_loss(v.float(), v_target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        loss = (meanflow_weighted(row_loss) if args.objective == "meanflow" else row_loss).mean()
+            x_t, s_target = targets(args, model, teacher, x0, x1, y, t, d, n_big, step / args.max_steps)
+            s = ddp_model(x_t, t, d, y)
+        row_loss = F.mse_loss(s.float(), s_target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        loss = (adaptive_weighted(row_loss) if args.objective in ADAPTIVE else row_loss).mean()
 
         # NaN guard: a non-finite loss stops us before it reaches the weights, the EMA or a checkpoint. With DDP
         # the check is on the sum over ranks, so all stop at the same step. A CPU-GPU sync, cheap next to a step.

@@ -1,0 +1,160 @@
+"""
+The training objectives, side by side. All four train the same network s(x_t, t, d, y): the average velocity
+over the step [t, t + d], so that one Euler step x_{t+d} = x_t + d s lands where the flow would. They share the
+straight path from noise x0 (t = 0) to data x1 (t = 1) and its velocity v = x1 - x0, and differ in ONE line, the
+target of a row with a big step d:
+
+    flow matching   s_target = v                                                  (every row: d -> 0)
+    shortcut        s_target = 1/2 s(x_t, t, d/2) + 1/2 s(x_t + d/2 s(x_t, t, d/2), t + d/2, d/2)
+    MeanFlow        s_target = v + d (ds/dx v + ds/dt - ds/dd)                    (one forward-mode JVP)
+    alpha-Flow      s_target = alpha v + (1 - alpha) s(x_t + alpha d v, t + alpha d, (1 - alpha) d)
+
+Each function below returns (x_t, s_target) for rows whose noise x0, time t and step d were drawn already
+(shortcut_times, interval_times), the big-step rows first; train.py regresses s(x_t, t, d, y) onto s_target. No
+target carries a gradient: the model teaches itself only through the loss. Drawing the rows outside the targets
+lets DDP draw the whole global batch on every rank and keep its own rows (train.draw_rows).
+
+    pytest test_objectives.py      # each target against an analytic model
+"""
+
+import math
+import warnings
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+OBJECTIVES = ["flow", "shortcut", "meanflow", "alphaflow"]
+ADAPTIVE = ("meanflow", "alphaflow")  # their targets hold the model's own derivatives: weigh rows adaptively
+# --predict x: the floor on 1 - t in v = (x1_hat - x_t) / (1 - t) (model.py), per objective. An error in the
+# predicted image costs 1 / (1 - t)^2 in the loss on v. Under plain MSE (flow matching, shortcut) that weight would
+# let the nearly clean rows drown the noisy ones that decide the picture; a floor of 0.25 caps it at 16 (0.05 read
+# 21% vs 37% at 1 step, docs/experiments.md). MeanFlow's adaptive weight already normalises each row's loss, so
+# the floor can sit at 0.02: above it the network draws the clean image right up to t = 0.98; a floor of 0.25 made
+# it draw an extrapolated one for t > 0.75, whose errors were the grain of 128-step samples (93% vs 99-100%).
+X_FLOOR = {"flow": 0.25, "shortcut": 0.25, "meanflow": 0.02, "alphaflow": 0.02}
+
+
+def path(x0, x1, t):
+    """The straight path and its velocity: x_t = (1 - (1 - 1e-5) t) x0 + t x1, v = dx_t/dt (the 1e-5 keeps a
+    sliver of noise at t = 1, as the official code)."""
+    t_ = t.view(-1, 1, 1, 1)
+    return (1 - (1 - 1e-5) * t_) * x0 + t_ * x1, x1 - (1 - 1e-5) * x0
+
+
+# -----------------------------------------------------------------------------
+# Which steps to train: (t, d) for B rows, the n_big big-step rows first.
+
+def shortcut_times(B, bootstrap_every=8, denoise_steps=128, device="cpu"):
+    """The shortcut paper's p(t, d): B / bootstrap_every rows at the levels d = 1, 1/2 ... 1/64 with t a multiple
+    of d (t + d <= 1), the rest flow rows at the smallest step d = 1/denoise_steps with t on its grid.
+    bootstrap_every = 0: flow rows only (flow matching). -> (t, d, n_big)"""
+    num_levels = int(math.log2(denoise_steps))  # 7 levels for 128 steps: d = 1, 1/2 ... 1/64
+    n_big = 0 if bootstrap_every == 0 else min(max(B // bootstrap_every, 1), B - 1)
+    # the levels are a randomly rotated 0, 1 ... 6, 0, 1 ... so that every level gets rows even in small batches
+    # (the official fixed schedule drops some: its issues #10, #11)
+    k = (torch.randint(num_levels, (1,), device=device) + torch.arange(n_big, device=device)) % num_levels
+    d_big = 2.0 ** -k.float()
+    t_big = torch.floor(torch.rand(n_big, device=device) * 2 ** k) * d_big
+    t_flow = torch.randint(denoise_steps, (B - n_big,), device=device) / denoise_steps
+    d_flow = torch.full((B - n_big,), 1 / denoise_steps, device=device)
+    return torch.cat([t_big, t_flow]), torch.cat([d_big, d_flow]), n_big
+
+
+def interval_times(B, flow_fraction=0.75, device="cpu"):
+    """MeanFlow's p(t, d): 1 - flow_fraction of the rows are intervals [t, t + d] from two uniform times (every
+    interval equally likely), the rest flow rows, d = 0 with t ~ U[0, 1] on its own (the smaller of two draws would
+    starve t near 1, the last, detail-drawing steps of a many-step sample). -> (t, d, n_big)"""
+    n_big = B - round(flow_fraction * B)
+    pair = torch.rand(n_big, 2, device=device)
+    t_big, end = pair.min(dim=1).values, pair.max(dim=1).values
+    t_flow = torch.rand(B - n_big, device=device)
+    return torch.cat([t_big, t_flow]), torch.cat([end - t_big, torch.zeros(B - n_big, device=device)]), n_big
+
+
+# -----------------------------------------------------------------------------
+# The targets: the same three steps each, and the third is where they differ.
+
+def flow_matching(x0, x1, t):
+    """Flow matching (Lipman et al. 2023; Liu et al. 2023), the shortcut paper's d = 0 rows: s_target = v for
+    every row. A big step along the learned v lands on the average of the data: one step draws a blur."""
+    # 1. Noise the data: x_t on the straight path.
+    # 2. Every row: s_target = v, the conditional velocity.
+    return path(x0, x1, t)
+
+
+@torch.no_grad()
+def shortcut(teacher, x0, x1, y, t, d, n_big):
+    """Shortcut models (Frans et al. 2024, Algorithm 1): a step of d is two of the model's own steps of d/2.
+    teacher: the EMA model, as the official code."""
+    # 1. Noise the data: x_t on the straight path.
+    x_t, v = path(x0, x1, t)
+    # 2. Flow rows: s_target = v.
+    s_target = v.clone()
+    # 3. Big steps: two teacher half steps make one step of d; the midpoint and the target are clipped to [-4, 4]
+    #    as the official code.
+    if n_big == 0:
+        return x_t, s_target
+    xb, tb, yb, half = x_t[:n_big], t[:n_big], y[:n_big], d[:n_big] / 2
+    s1 = teacher(xb, tb, half, yb)
+    x_mid = (xb + half.view(-1, 1, 1, 1) * s1).clamp(-4, 4)
+    s2 = teacher(x_mid, tb + half, half, yb)
+    s_target[:n_big] = ((s1 + s2) / 2).clamp(-4, 4)
+    return x_t, s_target
+
+
+@torch.no_grad()
+def meanflow(model, x0, x1, y, t, d, n_big, tangent="v"):
+    """MeanFlow (Geng et al. 2025, Algorithm 1), t = 0 noise: holding the end t + d fixed and differentiating
+    d s = x_{t+d} - x_t in t (dx_t/dt = v, dd/dt = -1) gives s = v + d (ds/dx v + ds/dt - ds/dd), one forward-mode
+    JVP along (v, 1, -1). tangent="model": the x-tangent is the model's own velocity sg(s(x_t, t, 0)) instead of
+    the conditional v, whose variance the JVP amplifies (improved MeanFlow, arXiv 2512.02012)."""
+    # 1. Noise the data: x_t on the straight path.
+    x_t, v = path(x0, x1, t)
+    # 2. Flow rows (d = 0): s_target = v.
+    s_target = v.clone()
+    # 3. Intervals: the JVP of the online model, without gradient. Fused CPU attention has no forward-mode
+    #    derivative; the MATH backend (plain softmax) has.
+    if n_big == 0:
+        return x_t, s_target
+    xi, ti, di, yi, vi = x_t[:n_big], t[:n_big], d[:n_big], y[:n_big], v[:n_big]
+    ones = torch.ones_like(ti)
+    with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated")  # said by torch.func itself
+        dx = model(xi, ti, torch.zeros_like(di), yi) if tangent == "model" else vi
+        _, ds_dt = torch.func.jvp(lambda x, tt, dd: model(x, tt, dd, yi), (xi, ti, di), (dx, ones, -ones))
+    s_target[:n_big] = vi + di.view(-1, 1, 1, 1) * ds_dt
+    return x_t, s_target
+
+
+@torch.no_grad()
+def alpha_flow(model, x0, x1, y, t, d, n_big, alpha):
+    """alpha-Flow (Zhang et al. 2025): the first alpha of the step follows the data's velocity v, the rest is the
+    model's own step from there. alpha = 1 is flow matching, alpha = 1/2 a shortcut-style self-consistency, and
+    alpha -> 0 MeanFlow (its first-order limit is the JVP target), reached without a JVP. The paper's loss weighs
+    rows by 1/alpha; the same gradient comes from regressing onto sg(s) + (s_target - sg(s)) / alpha, which is what
+    this returns: v at alpha = 1, MeanFlow's target as alpha -> 0."""
+    # 1. Noise the data: x_t on the straight path.
+    x_t, v = path(x0, x1, t)
+    # 2. Flow rows (d = 0): s_target = v.
+    s_target = v.clone()
+    # 3. Intervals: one batched call gives s at (x_t, t, d) and the model's step from x_t + alpha d v.
+    if n_big == 0:
+        return x_t, s_target
+    xi, ti, di, yi, vi = x_t[:n_big], t[:n_big], d[:n_big], y[:n_big], v[:n_big]
+    x_s = xi + alpha * di.view(-1, 1, 1, 1) * vi
+    s, s_rest = model(torch.cat([xi, x_s]), torch.cat([ti, ti + alpha * di]), torch.cat([di, (1 - alpha) * di]),
+                      torch.cat([yi, yi])).chunk(2)
+    s_target[:n_big] = s + (alpha * vi + (1 - alpha) * s_rest - s) / alpha
+    return x_t, s_target
+
+
+def alpha_schedule(progress, alpha_min=0.02):
+    """alpha-Flow's curriculum: alpha = 1 (flow matching) for the first part of training, a sigmoid down to
+    alpha_min around the middle, then nearly MeanFlow. progress = step / max_steps."""
+    return max(1 / (1 + math.exp(25 * (progress - 0.5))), alpha_min)  # 1 - sigmoid(25 (progress - 1/2))
+
+
+def adaptive_weighted(row_loss):
+    """MeanFlow's adaptive weight sg(1 / (mse + 1e-3)) per row (p = 1): each row's loss is ~1, so the rows with
+    large, noisy JVP targets cannot drown the others. mse is the mean over pixels, so 1e-3 is an error floor."""
+    return row_loss / (row_loss.detach() + 1e-3)
