@@ -120,7 +120,7 @@ def make_train_step(model, optimizer, bootstrap_every, ctx, compile=False, ema_d
     params, ema_params = list(model.parameters()), list(ema.parameters())
 
     args = argparse.Namespace(objective=objective, bootstrap_every=bootstrap_every, denoise_steps=128,
-                              flow_fraction=0.75, tangent="v")
+                              flow_fraction=0.75, intervals="uniform", tangent="v")
 
     def step(x1, y):
         x0, t, d, n_big = draw_rows(args, x1.shape[0], x1.shape[1:], device=x1.device)

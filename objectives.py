@@ -44,31 +44,39 @@ def path(x0, x1, t):
 # -----------------------------------------------------------------------------
 # Which steps to train: (t, d) for B rows, the n_big big-step rows first.
 
+def dyadic_steps(n, num_levels=7, device="cpu"):
+    """n steps a sampler takes: d = 2^-k, k in 0 ... num_levels - 1, t a multiple of d (so t + d <= 1). The levels
+    are a randomly rotated 0, 1 ... 6, 0, 1 ... so that every level gets rows even in small batches (the official
+    fixed schedule drops some: its issues #10, #11). -> (t, d)"""
+    k = (torch.randint(num_levels, (1,), device=device) + torch.arange(n, device=device)) % num_levels
+    d = 2.0 ** -k.float()
+    return torch.floor(torch.rand(n, device=device) * 2 ** k) * d, d
+
+
 def shortcut_times(B, bootstrap_every=8, denoise_steps=128, device="cpu"):
-    """The shortcut paper's p(t, d): B / bootstrap_every rows at the levels d = 1, 1/2 ... 1/64 with t a multiple
-    of d (t + d <= 1), the rest flow rows at the smallest step d = 1/denoise_steps with t on its grid.
-    bootstrap_every = 0: flow rows only (flow matching). -> (t, d, n_big)"""
-    num_levels = int(math.log2(denoise_steps))  # 7 levels for 128 steps: d = 1, 1/2 ... 1/64
+    """The shortcut paper's p(t, d): B / bootstrap_every rows at the levels d = 1, 1/2 ... 1/64 (dyadic_steps), the
+    rest flow rows at the smallest step d = 1/denoise_steps with t on its grid. bootstrap_every = 0: flow rows only
+    (flow matching). -> (t, d, n_big)"""
     n_big = 0 if bootstrap_every == 0 else min(max(B // bootstrap_every, 1), B - 1)
-    # the levels are a randomly rotated 0, 1 ... 6, 0, 1 ... so that every level gets rows even in small batches
-    # (the official fixed schedule drops some: its issues #10, #11)
-    k = (torch.randint(num_levels, (1,), device=device) + torch.arange(n_big, device=device)) % num_levels
-    d_big = 2.0 ** -k.float()
-    t_big = torch.floor(torch.rand(n_big, device=device) * 2 ** k) * d_big
+    t_big, d_big = dyadic_steps(n_big, int(math.log2(denoise_steps)), device)  # 7 levels for 128 steps
     t_flow = torch.randint(denoise_steps, (B - n_big,), device=device) / denoise_steps
     d_flow = torch.full((B - n_big,), 1 / denoise_steps, device=device)
     return torch.cat([t_big, t_flow]), torch.cat([d_big, d_flow]), n_big
 
 
-def interval_times(B, flow_fraction=0.75, device="cpu"):
-    """MeanFlow's p(t, d): 1 - flow_fraction of the rows are intervals [t, t + d] from two uniform times (every
-    interval equally likely), the rest flow rows, d = 0 with t ~ U[0, 1] on its own (the smaller of two draws would
-    starve t near 1, the last, detail-drawing steps of a many-step sample). -> (t, d, n_big)"""
+def interval_times(B, flow_fraction=0.75, intervals="uniform", device="cpu"):
+    """MeanFlow's p(t, d): 1 - flow_fraction of the rows are intervals [t, t + d], the rest flow rows, d = 0 with
+    t ~ U[0, 1] on its own (the smaller of two draws would starve t near 1, the last, detail-drawing steps of a
+    many-step sample). intervals="uniform": from two uniform times, every interval equally likely (MeanFlow);
+    "dyadic": only the steps a 1, 2, 4 ... 64-step sampler takes (dyadic_steps). -> (t, d, n_big)"""
     n_big = B - round(flow_fraction * B)
-    pair = torch.rand(n_big, 2, device=device)
-    t_big, end = pair.min(dim=1).values, pair.max(dim=1).values
+    if intervals == "dyadic":
+        t_big, d_big = dyadic_steps(n_big, device=device)
+    else:
+        pair = torch.rand(n_big, 2, device=device)
+        t_big, d_big = pair.min(dim=1).values, pair.max(dim=1).values - pair.min(dim=1).values
     t_flow = torch.rand(B - n_big, device=device)
-    return torch.cat([t_big, t_flow]), torch.cat([end - t_big, torch.zeros(B - n_big, device=device)]), n_big
+    return torch.cat([t_big, t_flow]), torch.cat([d_big, torch.zeros(B - n_big, device=device)]), n_big
 
 
 # -----------------------------------------------------------------------------

@@ -90,6 +90,10 @@ def test_interval_times():
     assert n_big == 250 and (d[:n_big] > 0).all() and (d[n_big:] == 0).all()
     assert (t >= 0).all() and (t + d <= 1).all()
     assert 0.45 < t[n_big:].mean() < 0.55  # flow rows: t ~ U[0, 1], not the smaller of two draws (mean 1/3)
+    t, d, n_big = interval_times(1000, flow_fraction=0.5, intervals="dyadic")
+    levels = -torch.log2(d[:n_big])
+    assert n_big == 500 and set(levels.round().int().tolist()) == set(range(7)) and torch.allclose(levels, levels.round())
+    assert torch.allclose(t[:n_big] / d[:n_big], (t[:n_big] / d[:n_big]).round()) and (t + d <= 1).all()
 
 
 # ---------------------------------------------------------------------------- each target against its formula
@@ -186,7 +190,7 @@ def tiny_dit():
 
 def run_args(objective):
     return argparse.Namespace(objective=objective, bootstrap_every=4, denoise_steps=128, flow_fraction=0.5,
-                              tangent="model" if objective == "meanflow" else "v")
+                              intervals="uniform", tangent="model" if objective == "meanflow" else "v")
 
 
 @pytest.mark.parametrize("objective", ["flow", "shortcut", "meanflow", "alphaflow"])

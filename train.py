@@ -61,7 +61,7 @@ def draw_rows(args, B, shape, rank=0, world_size=1, device="cpu"):
     would. -> (x0, t, d, n_big): n_big of this rank's rows, the first ones, take big steps."""
     x0 = torch.randn(B, *shape, device=device)
     if args.objective in ADAPTIVE:
-        t, d, n_big = interval_times(B, args.flow_fraction, device)
+        t, d, n_big = interval_times(B, args.flow_fraction, args.intervals, device)
     else:
         t, d, n_big = shortcut_times(B, args.bootstrap_every if args.objective == "shortcut" else 0,
                                      args.denoise_steps, device)
@@ -109,6 +109,8 @@ def parse_args():
     parser.add_argument("--ema-decay", type=float)
     parser.add_argument("--objective", choices=OBJECTIVES, help="how the big steps learn (objectives.py)")
     parser.add_argument("--flow-fraction", type=float, help="meanflow, alphaflow: the fraction of rows with d = 0")
+    parser.add_argument("--intervals", choices=["uniform", "dyadic"], default="uniform",
+                        help="meanflow, alphaflow: train every interval, or only the steps of a 1, 2, 4 ... step sampler")
     parser.add_argument("--tangent", choices=["v", "model"], default="v",
                         help="meanflow: the JVP's x-tangent, the data's v or the model's own (improved MeanFlow)")
     parser.add_argument("--x-floor", type=float, help="--predict x: the floor on 1 - t (default: the objective's)")
