@@ -278,10 +278,10 @@ def test_meanflow_run_saves_its_objective_and_time_scale(data, tmp_path, monkeyp
     train_here(args(data, tmp_path / "mf", "--objective", "meanflow", "--time-scale", "1", steps=4), monkeypatch)
     first = capsys.readouterr().out.splitlines()[0]
     assert first == ("DiT-T/4 (1.4M params), toyfaces recipe, --batch 8, --lr 0.001, --ema-decay 0.9, --predict v, "
-                     "--objective meanflow, --time-scale 1, --max-steps 4, --sample-every 4: 4 steps at batch 8, "
-                     "device cpu")
+                     "--max-steps 4, --sample-every 4: 4 steps at batch 8, device cpu")  # the recipe's objective
     model, ckpt = load_checkpoint(tmp_path / "mf" / "ckpt.pt", "cpu")
     assert ckpt["args"]["objective"] == "meanflow" and model.t_embedder.scale == model.d_embedder.scale == 1
+    assert ckpt["args"]["x_floor"] == model.x_floor == 0.02  # the objective's floor, saved and loaded
     assert told_step(ckpt["args"]) is None  # sampled with the step it takes, whatever --bootstrap-every says
     rows = log_losses(tmp_path / "mf")
     # batch 8: 6 flow rows (d = 0, logged as d = 1/128) and 2 interval rows a step, binned by their nearest level

@@ -1,16 +1,19 @@
 """
-Train a text-conditioned shortcut model (Frans et al. 2024): flow matching plus self-consistency targets, or the
-same network with MeanFlow's average-velocity targets (Geng et al. 2025).
+Train a text-conditioned shortcut model (Frans et al. 2024), the network s(x_t, t, d, y) that steps from noise to
+data in 1, 2, 4 ... 128 steps, with one of four objectives (objectives.py): flow matching, the shortcut paper's
+self-consistency, MeanFlow (Geng et al. 2025) or alpha-Flow (Zhang et al. 2025).
 
-    python train.py                      # the recipe that fits the data found: toyfaces (CPU, ~13 min) or the paper's
+    python train.py                      # the recipe that fits the data found: toyfaces (MeanFlow) or the paper's
     python train.py --batch 32           # the same recipe, a flag given on the command line wins
-    python train.py --objective meanflow --time-scale 1 --max-steps 2500 --out out_mf   # MeanFlow, same minutes
-    python train.py --bootstrap-every 0 --out out_fm             # the flow-matching baseline, same script
+    python train.py --objective shortcut --time-scale 1000 --max-steps 3000 --out out_sc   # the paper's objective
+    python train.py --objective flow --time-scale 1000 --max-steps 3000 --out out_fm       # the flow-matching baseline
+    python train.py --objective alphaflow --flow-fraction 0.5 --out out_af                 # alpha-Flow
     python train.py --resume             # after a crash: the same command plus --resume (bit for bit on a CPU)
     torchrun --standalone --nproc_per_node=8 train.py            # DDP on the 8 GPUs of one machine
 
-Recipes (RECIPES below): on data/toyfaces (prepare_data.py's default) a 1.4M-parameter DiT-T/4 for 3,000 steps,
-about 10 minutes on a 2-core CPU; on data/celebahq the paper's DiT-B/2, lr 1e-4, EMA 0.999, batch 64, 410k steps. The first line printed names the recipe, the model and the device.
+Recipes (RECIPES below): on data/toyfaces (prepare_data.py's default) a 1.4M-parameter DiT-T/4 trained with
+MeanFlow for 3,500 steps on a 2-core CPU; on data/celebahq the paper's shortcut objective, DiT-B/2, lr 1e-4, EMA
+0.999, batch 64, 410k steps. The first line printed names the recipe, the model and the device.
 Writes to --out: ckpt.pt (a plain dict, loads with weights_only=True, always complete), log.csv (the loss of each
 step-size level d, img/s), levels.png (those losses over training) and grid_<step>.png (fixed prompts at 1, 2, 4
 and 128 steps).
@@ -40,12 +43,12 @@ RECIPES = {  # what `python train.py` trains, by the data set it finds; any flag
     "paper": dict(model="DiT-B/2", batch=64, lr=1e-4, lr_schedule="constant", ema_decay=0.999, bootstrap_every=8,
                   predict="v", objective="shortcut", flow_fraction=0.75, time_scale=1000.0, max_steps=410_000,
                   sample_every=5000),
-    # A 2-core CPU budget (docs/experiments.md): 3,000 steps need an lr 30x the paper's that decays to zero, a short
-    # EMA (the EMA is the bootstrap teacher: its lag slows how fast the big steps learn), 16 bootstrap rows a batch
-    # instead of 8, and a network that draws the clean image (predict x), so 1-step samples carry no grain.
-    # MeanFlow (--objective meanflow --time-scale 1 --max-steps 2500) is better at 1 step but not at 128.
+    # A 2-core CPU budget (docs/experiments.md): MeanFlow, at least as good as every other objective at 1, 2, 4 and
+    # 128 steps; its derivatives need t and d embedded x1 (time_scale). 3,500 steps need an lr 30x the paper's that
+    # decays to zero, a short EMA (0.999 averages weights from before the decay) and a network that draws the clean
+    # image (predict x), so 1-step samples carry no grain. bootstrap_every is for --objective shortcut.
     "toyfaces": dict(model="DiT-T/4", batch=64, lr=3e-3, lr_schedule="cosine", ema_decay=0.99, bootstrap_every=4,
-                     predict="x", objective="shortcut", flow_fraction=0.75, time_scale=1000.0, max_steps=3000,
+                     predict="x", objective="meanflow", flow_fraction=0.75, time_scale=1.0, max_steps=3500,
                      sample_every=500),
 }
 GRID_PROMPTS = ["a man with glasses", "a smiling woman with red hair", "a woman with blond hair",
