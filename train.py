@@ -6,6 +6,7 @@ same network with MeanFlow's average-velocity targets (Geng et al. 2025).
     python train.py --batch 32           # the same recipe, a flag given on the command line wins
     python train.py --objective meanflow --time-scale 1 --max-steps 2500 --out out_mf   # MeanFlow, same minutes
     python train.py --bootstrap-every 0 --out out_fm             # the flow-matching baseline, same script
+    python train.py --unconditional --out out_uncond             # no text: the paper's CelebA-HQ setting
     python train.py --resume             # after a crash: the same command plus --resume (bit for bit on a CPU)
     torchrun --standalone --nproc_per_node=8 train.py            # DDP on the 8 GPUs of one machine
 
@@ -116,6 +117,8 @@ def parse_args():
     parser.add_argument("--bootstrap-every", type=int, help="1/N of each batch is self-consistency; 0 = flow matching")
     parser.add_argument("--denoise-steps", type=int, default=128, help="smallest step 1/M; sampling allows up to M steps")
     parser.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of captions replaced by the null one")
+    parser.add_argument("--unconditional", action="store_true",
+                        help="every row gets the null caption: no text (the paper's CelebA-HQ run has no labels)")
     parser.add_argument("--max-steps", type=positive_int)
     parser.add_argument("--log-every", type=positive_int, default=50)
     parser.add_argument("--sample-every", type=positive_int, help="checkpoint and grid PNG every N steps")
@@ -183,14 +186,17 @@ def resume(ckpt_path, args, meta, model, ema, optimizer, rng, device):
     try:
         a = ckpt["args"]
         theirs = (f"{a['model']} --objective {a.get('objective', 'shortcut')} --predict {a.get('predict', 'v')} "
-                  f"--x-floor {a.get('x_floor', 0.25):g} --time-scale {a.get('time_scale', 1000.0):g}",
+                  f"--x-floor {a.get('x_floor', 0.25):g} --time-scale {a.get('time_scale', 1000.0):g}"
+                  + " --unconditional" * a.get("unconditional", False),
                   ckpt["meta"]["shape"], ckpt["meta"]["feature_dim"])
         ours = (f"{args.model} --objective {args.objective} --predict {args.predict} --x-floor {args.x_floor:g} "
-                f"--time-scale {args.time_scale:g}", meta["shape"], meta["feature_dim"])
+                f"--time-scale {args.time_scale:g}" + " --unconditional" * args.unconditional, meta["shape"],
+                meta["feature_dim"])
         if theirs != ours:
             raise SystemExit(f"error: {ckpt_path} is {theirs[0]} on {theirs[1]} data with {theirs[2]}-dim text "
                              f"features, this run is {ours[0]} on {ours[1]} with {ours[2]}-dim: resume with "
-                             "the --model, --objective, --predict, --x-floor, --time-scale and --data-dir it was trained with")
+                             "the --model, --objective, --predict, --x-floor, --time-scale, --unconditional and --data-dir "
+                             "it was trained with")
         if ckpt["step"] > args.max_steps:
             raise SystemExit(f"error: {ckpt_path} is at step {ckpt['step']}, beyond --max-steps {args.max_steps}")
         model.load_state_dict(ckpt["model"])
@@ -254,6 +260,8 @@ if __name__ == "__main__":
         k = rng.integers(len(features), size=args.batch)[rows]                 # random captions ...
         view = rng.integers(x1_all.shape[1], size=args.batch)[rows]            # ... and a random flip of each image
         x1, y = torch.from_numpy(x1_all[caption_image[k], view].astype(np.float32)), torch.from_numpy(features[k])
+        if args.unconditional:  # all-zero rows: the learned null embedding is the model's only condition
+            y = torch.zeros_like(y)
         if device != "cpu":  # page-locked memory: the copies are asynchronous, the CPU goes on queueing work
             x1, y = x1.pin_memory(), y.pin_memory()
         return x1.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -270,7 +278,11 @@ if __name__ == "__main__":
     # DDP averages the gradients of all ranks in backward, so every rank takes the same step and the EMA stays
     # identical everywhere. Checkpoints hold the unwrapped model.
     ddp_model = DDP(student, device_ids=[local_rank] if device != "cpu" else None) if ddp else student
-    grid_y = torch.from_numpy(encode_text(GRID_PROMPTS, meta["text_encoder"], device)).to(device)
+    if args.unconditional:  # one band of 6 seeds of the null caption instead of 6 prompts
+        grid_prompts, grid_n, grid_y = ["unconditional"], 6, torch.zeros(1, meta["feature_dim"], device=device)
+    else:
+        grid_prompts, grid_n = GRID_PROMPTS, 1
+        grid_y = torch.from_numpy(encode_text(GRID_PROMPTS, meta["text_encoder"], device)).to(device)
     if meta["vae"] != "none":
         load_vae(meta["vae"], str(grid_y.device))  # a missing VAE fails now, not at the first grid
 
@@ -283,7 +295,8 @@ if __name__ == "__main__":
         print(f"{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), {recipe}: "
               f"{args.max_steps} steps at batch {args.batch}, device {device}"
               + (f" x {world_size} processes" if ddp else "") + (f", resuming at step {start}" if start else ""))
-        print(f"data {args.data_dir}: {meta['num_images']} images {meta['shape']}, {meta['num_captions']} captions")
+        print(f"data {args.data_dir}: {meta['num_images']} images {meta['shape']}, {meta['num_captions']} captions"
+              + (" (unused: --unconditional)" if args.unconditional else ""))
         log, writer, log_rows = open_log(args.out, start)
     level_sum, level_n = torch.zeros(len(LEVELS), device=device), torch.zeros(len(LEVELS), device=device)
     t_start = t_log = time.time()
@@ -300,8 +313,8 @@ if __name__ == "__main__":
                 save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(),
                                  "optimizer": optimizer.state_dict(), "step": step, "rng": rng_states,
                                  "args": vars(args), "meta": meta, "text_encoder": meta["text_encoder"]}, ckpt_path)
-                images = steps_grid(ema, grid_y, GRID_STEPS, meta, model_d=told_step(vars(args)))
-                save_grid(images, GRID_PROMPTS, GRID_STEPS, os.path.join(args.out, f"grid_{step:06d}.png"))
+                images = steps_grid(ema, grid_y, GRID_STEPS, meta, n=grid_n, model_d=told_step(vars(args)))
+                save_grid(images, grid_prompts, GRID_STEPS, os.path.join(args.out, f"grid_{step:06d}.png"))
                 plot_levels(log_rows, os.path.join(args.out, "levels.png"))
             saved = step
         if step == args.max_steps:
