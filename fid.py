@@ -181,9 +181,9 @@ def _trace_sqrt_product(sigma1, sigma2, method):  # Tr sqrt(sigma1 sigma2)
         # matrix: the trace we want is the sum of their square roots. One symmetric eigensolve, exact, and fast.
         try:
             r = scipy.linalg.cholesky(sigma1)  # the cheapest r
-        except np.linalg.LinAlgError:  # singular sigma1 (e.g. fewer samples than dimensions): r = sqrt(sigma1)
-            w, v = scipy.linalg.eigh(sigma1)
-            r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        except np.linalg.LinAlgError:  # singular sigma1 (e.g. fewer samples than dimensions): r = sqrt(w) v^T over
+            w, v = scipy.linalg.eigh(sigma1)  # its positive eigenvalues only: (k, D), and the solve below is k x k
+            r = (v[:, w > 0] * np.sqrt(w[w > 0])).T
         ev = scipy.linalg.eigh(r @ sigma2 @ r.T, eigvals_only=True)
         if ev.min() < -1e-3 * max(ev.max(), 1e-12):  # same sanity check as the imaginary part above
             raise ValueError(f"Frechet distance: negative eigenvalue {ev.min():.3g}; not covariance matrices?")
@@ -387,6 +387,10 @@ if __name__ == "__main__":
           f", {args.ckpt} ({args.weights} weights)")
     if inception is not None:
         print(f"reference: {ref['reference']}, N = {ref['n']} ({ref_path})")
+        if args.reference == "vae" and meta["vae"] != "none":  # the floor the VAE puts under every FID above
+            mu_real, sigma_real = reference_stats(data_dir, meta, "real", inception, args.batch, args.workers)[:2]
+            print(f"the VAE's share: its reconstructions are at FID "
+                  f"{frechet_distance(mu_ref, sigma_ref, mu_real, sigma_real):.2f} from the real images")
     accuracy = "  is a face" if unconditional else "  accuracy"  # the empty prompt's accuracy: a clean face
     print("steps" + ("       FID" if inception is not None else "") + (f"{accuracy}  open-attribute TV" if toyfaces else ""))
     for steps, fd, acc, tv in results:

@@ -1,6 +1,6 @@
 """Tests for real data: prepare_data.py --dataset celebahq -> train.py -> sample.py (CPU, offline, seconds).
 A tiny random AutoencoderKL (8x downsampling, 4 latent channels) and a tiny CLIP text encoder stand in for
-SD-VAE and CLIP; 64x64 images give 8x8 latents.    python -m pytest -q test_celebahq.py
+SD-VAE and CLIP (conftest.py); 64x64 images give 8x8 latents.    python -m pytest -q test_celebahq.py
 """
 import json
 import os
@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 import prepare_data as pd
-import toyfaces
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CELEBA_NAMES = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
@@ -25,19 +24,6 @@ CELEBA_NAMES = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bal
                 "Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat "
                 "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young").split()
 N = 10
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tiny AutoencoderKL and CLIP text encoder, saved with save_pretrained like the real ones."""
-    from diffusers import AutoencoderKL
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4)
-    vae.save_pretrained(root / "vae")
-    toyfaces.make_tiny_clip(str(root / "clip"), ["man", "woman", "glasses", "smiling"])
-    return str(root / "vae"), str(root / "clip")
 
 
 def faces(seed=0):
@@ -261,16 +247,6 @@ def test_train_and_sample_decode_latents(models, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         run_script("sample.py", "--ckpt", str(tmp_path / "hub.pt"), "--out", str(tmp_path / "samples"))
     assert "cannot load VAE 'stabilityai/sd-vae-ft-mse' (offline?): pass --vae" in str(e.value.code)
-
-
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    """A random-weight FID Inception saved like pytorch-fid's file (the statistics mean nothing, the plumbing does)."""
-    import fid
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("inception") / "inception.pth"
-    torch.save(fid.FIDInceptionV3().state_dict(), path)
-    return str(path)
 
 
 def test_real_image_stats_of_prepare_equal_fid_from_the_files(models, inception_file, tmp_path, monkeypatch, capsys):
