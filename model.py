@@ -15,7 +15,7 @@ Where this differs from the official code (kvfrans/shortcut-models, JAX; README 
   t       ours: t x time_scale (1000 by default, facebookresearch/DiT's range of integer timesteps); official
           model.py's TimestepEmbedder takes t raw in [0, 1] (its x1000 line is commented out). --time-scale 1 = raw.
   d       ours: d itself, x time_scale, through its own sinusoidal MLP; official: the level index log2(1/d)
-          (0 ... 7) through a second TimestepEmbedder. Not offered: MeanFlow's d = 0 has no level.
+          (0 ... 7) through a second TimestepEmbedder: d_embedding="level" (not for MeanFlow: d = 0 has no level).
   adaLN   ours: adaLN-Zero, every block's modulation zeroed at init (facebookresearch/DiT models.py,
           initialize_weights); official: only the final layer zeroed.
   text    ours: a frozen CLIP feature, or (train.py --unconditional) the learned null embedding in every row, which
@@ -144,9 +144,10 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     def __init__(self, input_size=32, in_channels=4, feature_dim=512,
-                 hidden_size=768, depth=12, num_heads=12, patch_size=2, mlp_ratio=4.0, predict="v", time_scale=1000.0, x_floor=0.25):
+                 hidden_size=768, depth=12, num_heads=12, patch_size=2, mlp_ratio=4.0, predict="v", time_scale=1000.0, x_floor=0.25,
+                 d_embedding="value"):
         super().__init__()
-        assert predict in ("v", "x"), predict
+        assert predict in ("v", "x") and d_embedding in ("value", "level"), (predict, d_embedding)
         self.input_size, self.in_channels, self.feature_dim = input_size, in_channels, feature_dim
         self.predict = predict  # what the last layer outputs: the velocity (the paper, official) or the clean image x1
         self.x_floor = x_floor  # predict="x": the floor on 1 - t, set by the objective (objectives.X_FLOOR)
@@ -154,10 +155,10 @@ class DiT(nn.Module):
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         # time_scale multiplies t and d before the sinusoids: 1000 (ours, DiT's) or 1 (the official code's t; needed
         # by MeanFlow, whose target contains d/dt and d/dd of the model output, which a scale of 1000 makes ~1000x
-        # larger). The official code embeds d as its level log2(1/d) instead (module docstring).
-        self.time_scale = time_scale
+        # larger). d_embedding="level" embeds d as the official code does: its level log2(1/d) = 0 ... 7, unscaled.
+        self.time_scale, self.d_embedding = time_scale, d_embedding
         self.t_embedder = ScalarEmbedder(hidden_size, scale=time_scale)  # t in [0, 1]
-        self.d_embedder = ScalarEmbedder(hidden_size, scale=time_scale)  # d in [1/128, 1] (MeanFlow: [0, 1])
+        self.d_embedder = ScalarEmbedder(hidden_size, scale=time_scale if d_embedding == "value" else 1.0)
         self.y_embedder = TextEmbedder(feature_dim, hidden_size)
         num_patches = (input_size // patch_size) ** 2
         # fixed (not learned) sin-cos position embedding, as in DiT
@@ -202,7 +203,8 @@ class DiT(nn.Module):
         """x_t: (B, C, H, W); t: (B,) in [0, 1]; d: (B,) step size in [1/128, 1]; y: (B, D), zero rows = null.
         Returns the predicted velocity (B, C, H, W), whatever the last layer predicts."""
         x = self.x_embedder(x_t).flatten(2).transpose(1, 2) + self.pos_embed   # (B, T, C), T = (H/p)*(W/p)
-        c = self.t_embedder(t) + self.d_embedder(d) + self.y_embedder(y)       # (B, C)
+        d_in = d if self.d_embedding == "value" else -torch.log2(d)             # d in [1/128, 1] or level 0 ... 7
+        c = self.t_embedder(t) + self.d_embedder(d_in) + self.y_embedder(y)    # (B, C)
         for block in self.blocks:
             x = block(x, c)                                                      # (B, T, C)
         x = self.final_layer(x, c)                                               # (B, T, p*p*C_in)

@@ -74,7 +74,8 @@ def load_checkpoint(path, device, weights="ema"):
         meta, args = ckpt["meta"], ckpt["args"]
         model = DiT(**DiT_models[args["model"]], input_size=meta["shape"][1], in_channels=meta["shape"][0],
                     feature_dim=meta["feature_dim"], predict=args.get("predict", "v"),
-                    time_scale=args.get("time_scale", 1000.0), x_floor=args.get("x_floor", 0.25)).to(device)
+                    time_scale=args.get("time_scale", 1000.0), x_floor=args.get("x_floor", 0.25),
+                    d_embedding=args.get("d_embedding", "value")).to(device)
         model.load_state_dict(ckpt[{"ema": "ema", "online": "model"}[weights]])
     except Exception as e:  # missing keys, shape mismatch ...
         raise SystemExit(f"error: cannot load checkpoint {path}: {str(e).splitlines()[0]}")

@@ -114,6 +114,8 @@ def parse_args():
                         help="meanflow: the JVP's x-tangent, the data's v or the model's own (improved MeanFlow)")
     parser.add_argument("--x-floor", type=float, help="--predict x: the floor on 1 - t (default: the objective's)")
     parser.add_argument("--time-scale", type=float, help="t and d x this before their embedding (1000 or 1)")
+    parser.add_argument("--d-embedding", choices=["value", "level"], default="value",
+                        help="d enters its embedding as its value x --time-scale (ours) or its level log2(1/d) (official)")
     parser.add_argument("--bootstrap-every", type=int, help="1/N of each batch is self-consistency; 0 = flow matching")
     parser.add_argument("--denoise-steps", type=int, default=128, help="smallest step 1/M; sampling allows up to M steps")
     parser.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of captions replaced by the null one")
@@ -187,16 +189,17 @@ def resume(ckpt_path, args, meta, model, ema, optimizer, rng, device):
         a = ckpt["args"]
         theirs = (f"{a['model']} --objective {a.get('objective', 'shortcut')} --predict {a.get('predict', 'v')} "
                   f"--x-floor {a.get('x_floor', 0.25):g} --time-scale {a.get('time_scale', 1000.0):g}"
+                  + " --d-embedding level" * (a.get("d_embedding", "value") == "level")
                   + " --unconditional" * a.get("unconditional", False),
                   ckpt["meta"]["shape"], ckpt["meta"]["feature_dim"])
         ours = (f"{args.model} --objective {args.objective} --predict {args.predict} --x-floor {args.x_floor:g} "
-                f"--time-scale {args.time_scale:g}" + " --unconditional" * args.unconditional, meta["shape"],
-                meta["feature_dim"])
+                f"--time-scale {args.time_scale:g}" + " --d-embedding level" * (args.d_embedding == "level")
+                + " --unconditional" * args.unconditional, meta["shape"], meta["feature_dim"])
         if theirs != ours:
             raise SystemExit(f"error: {ckpt_path} is {theirs[0]} on {theirs[1]} data with {theirs[2]}-dim text "
                              f"features, this run is {ours[0]} on {ours[1]} with {ours[2]}-dim: resume with "
-                             "the --model, --objective, --predict, --x-floor, --time-scale, --unconditional and --data-dir "
-                             "it was trained with")
+                             "the --model, --objective, --predict, --x-floor, --time-scale, --d-embedding, --unconditional "
+                             "and --data-dir it was trained with")
         if ckpt["step"] > args.max_steps:
             raise SystemExit(f"error: {ckpt_path} is at step {ckpt['step']}, beyond --max-steps {args.max_steps}")
         model.load_state_dict(ckpt["model"])
@@ -244,6 +247,8 @@ if __name__ == "__main__":
         args.x_floor = X_FLOOR[args.objective]
     if not (0 <= args.flow_fraction <= 1 and args.time_scale > 0):
         parser.error(f"need 0 <= --flow-fraction <= 1 and --time-scale > 0, got {args.flow_fraction} and {args.time_scale}")
+    if args.d_embedding == "level" and args.objective in ADAPTIVE:
+        parser.error(f"--d-embedding level needs d > 0: not with --objective {args.objective}, whose flow rows have d = 0")
     if args.batch > meta["num_images"]:
         parser.error(f"--batch {args.batch} is larger than the data set ({meta['num_images']} images in {args.data_dir})")
     ddp, rank, world_size, local_rank, device = setup_ddp()
@@ -268,7 +273,8 @@ if __name__ == "__main__":
 
     # the model, its EMA (the bootstrap teacher and the weights we sample with), AdamW
     model = DiT(**DiT_models[args.model], input_size=meta["shape"][1], in_channels=meta["shape"][0],
-                feature_dim=meta["feature_dim"], predict=args.predict, time_scale=args.time_scale, x_floor=args.x_floor).to(device)
+                feature_dim=meta["feature_dim"], predict=args.predict, time_scale=args.time_scale, x_floor=args.x_floor,
+                d_embedding=args.d_embedding).to(device)
     model.y_embedder.set_feature_stats(torch.from_numpy(features).to(device))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     # compiled views share the parameters; we save and sample with the plain modules, so no "_orig_mod." keys
