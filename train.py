@@ -181,20 +181,22 @@ def save_checkpoint(ckpt, path):
                          "stopped, the previous checkpoint is untouched")
 
 
+def run_flags(a):
+    """The flags that fix what a run's network is and learns, from its args as a dict; an older checkpoint's args
+    lack the newer flags: their defaults then."""
+    return (f"{a['model']} --objective {a.get('objective', 'shortcut')} --predict {a.get('predict', 'v')} "
+            f"--x-floor {a.get('x_floor', 0.25):g} --time-scale {a.get('time_scale', 1000.0):g}"
+            + " --d-embedding level" * (a.get("d_embedding", "value") == "level")
+            + " --unconditional" * bool(a.get("unconditional", False)))
+
+
 def resume(ckpt_path, args, meta, model, ema, optimizer, rng, device):
     """Load ckpt.pt into the model, its EMA, AdamW's moments and the RNG states (batches are random draws, so the
     RNG state is the position in the data order). -> the step to continue from. Any mismatch is one line."""
     ckpt = read_checkpoint(ckpt_path, "cpu")  # on the CPU: RNG states must be CPU tensors
     try:
-        a = ckpt["args"]
-        theirs = (f"{a['model']} --objective {a.get('objective', 'shortcut')} --predict {a.get('predict', 'v')} "
-                  f"--x-floor {a.get('x_floor', 0.25):g} --time-scale {a.get('time_scale', 1000.0):g}"
-                  + " --d-embedding level" * (a.get("d_embedding", "value") == "level")
-                  + " --unconditional" * a.get("unconditional", False),
-                  ckpt["meta"]["shape"], ckpt["meta"]["feature_dim"])
-        ours = (f"{args.model} --objective {args.objective} --predict {args.predict} --x-floor {args.x_floor:g} "
-                f"--time-scale {args.time_scale:g}" + " --d-embedding level" * (args.d_embedding == "level")
-                + " --unconditional" * args.unconditional, meta["shape"], meta["feature_dim"])
+        theirs = (run_flags(ckpt["args"]), ckpt["meta"]["shape"], ckpt["meta"]["feature_dim"])
+        ours = (run_flags(vars(args)), meta["shape"], meta["feature_dim"])
         if theirs != ours:
             raise SystemExit(f"error: {ckpt_path} is {theirs[0]} on {theirs[1]} data with {theirs[2]}-dim text "
                              f"features, this run is {ours[0]} on {ours[1]} with {ours[2]}-dim: resume with "
