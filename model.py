@@ -10,6 +10,16 @@ Conventions (as in the paper and the official code): t = 0 is pure noise x0, t =
 the model returns the velocity v = x1 - x0, and d is the size of the step the caller will take with it
 (d = 1/128 is the flow-matching level, d = 1 the one-step jump). Its last layer predicts v itself (the paper) or,
 with predict="x", the clean image x1, from which v follows (see DiT.forward).
+
+Where this differs from the official code (kvfrans/shortcut-models, JAX; README "Ours vs official"):
+  t       ours: t x time_scale (1000 by default, facebookresearch/DiT's range of integer timesteps); official
+          model.py's TimestepEmbedder takes t raw in [0, 1] (its x1000 line is commented out). --time-scale 1 = raw.
+  d       ours: d itself, x time_scale, through its own sinusoidal MLP; official: the level index log2(1/d)
+          (0 ... 7) through a second TimestepEmbedder: d_embedding="level" (not for MeanFlow: d = 0 has no level).
+  adaLN   ours: adaLN-Zero, every block's modulation zeroed at init (facebookresearch/DiT models.py,
+          initialize_weights); official: only the final layer zeroed.
+  text    ours: a frozen CLIP feature, or (train.py --unconditional) the learned null embedding in every row, which
+          is the official CelebA-HQ run (class_dropout_prob 1, num_classes 1: the label is always the null class).
 """
 
 import math
@@ -33,7 +43,7 @@ class ScalarEmbedder(nn.Module):
 
     def __init__(self, hidden_size, scale, frequency_size=256):
         super().__init__()
-        self.scale = scale  # maps the scalar's natural range onto the frequencies (DiT uses t in [0, 1000])
+        self.scale = scale  # maps the scalar's range onto the frequencies (DiT: t in [0, 1000]; official shortcut: 1)
         self.frequency_size = frequency_size
         self.mlp = nn.Sequential(
             nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
@@ -49,8 +59,10 @@ class ScalarEmbedder(nn.Module):
 class TextEmbedder(nn.Module):
     """Projects a frozen text feature to the model width; an all-zero row asks for the learned null embedding.
 
-    Zero rows mean "no caption": train.py zeroes 10% of the captions (caption dropout) and sample.py passes
-    zeros for the unconditional half of classifier-free guidance. Real text features are never exactly zero.
+    Zero rows mean "no caption": train.py zeroes 10% of the captions (caption dropout), every caption with
+    --unconditional (then `null` is the only text parameter that learns, as the official CelebA-HQ run's null class),
+    and sample.py passes zeros for the unconditional half of classifier-free guidance. Real text features are never
+    exactly zero.
     """
 
     def __init__(self, feature_dim, hidden_size):
@@ -132,19 +144,21 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     def __init__(self, input_size=32, in_channels=4, feature_dim=512,
-                 hidden_size=768, depth=12, num_heads=12, patch_size=2, mlp_ratio=4.0, predict="v", time_scale=1000.0, x_floor=0.25):
+                 hidden_size=768, depth=12, num_heads=12, patch_size=2, mlp_ratio=4.0, predict="v", time_scale=1000.0, x_floor=0.25,
+                 d_embedding="value"):
         super().__init__()
-        assert predict in ("v", "x"), predict
+        assert predict in ("v", "x") and d_embedding in ("value", "level"), (predict, d_embedding)
         self.input_size, self.in_channels, self.feature_dim = input_size, in_channels, feature_dim
-        self.predict = predict  # what the last layer outputs: the velocity (the paper) or the clean image x1
+        self.predict = predict  # what the last layer outputs: the velocity (the paper, official) or the clean image x1
         self.x_floor = x_floor  # predict="x": the floor on 1 - t, set by the objective (objectives.X_FLOOR)
         self.patch_size, self.num_heads = patch_size, num_heads
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        # time_scale multiplies t and d before the sinusoids: 1000 (DiT, the paper) or 1 for MeanFlow, whose
-        # target contains d/dt and d/dd of the model output, which a scale of 1000 makes ~1000x larger.
-        self.time_scale = time_scale
+        # time_scale multiplies t and d before the sinusoids: 1000 (ours, DiT's) or 1 (the official code's t; needed
+        # by MeanFlow, whose target contains d/dt and d/dd of the model output, which a scale of 1000 makes ~1000x
+        # larger). d_embedding="level" embeds d as the official code does: its level log2(1/d) = 0 ... 7, unscaled.
+        self.time_scale, self.d_embedding = time_scale, d_embedding
         self.t_embedder = ScalarEmbedder(hidden_size, scale=time_scale)  # t in [0, 1]
-        self.d_embedder = ScalarEmbedder(hidden_size, scale=time_scale)  # d in [1/128, 1] (MeanFlow: [0, 1])
+        self.d_embedder = ScalarEmbedder(hidden_size, scale=time_scale if d_embedding == "value" else 1.0)
         self.y_embedder = TextEmbedder(feature_dim, hidden_size)
         num_patches = (input_size // patch_size) ** 2
         # fixed (not learned) sin-cos position embedding, as in DiT
@@ -167,8 +181,9 @@ class DiT(nn.Module):
         for mlp in (self.t_embedder.mlp, self.d_embedder.mlp, self.y_embedder.proj):
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity and the output starts at zero, so an untrained model
-        # predicts v = 0 (or x1 = 0 with predict="x"): a stable start for the bootstrap teacher too.
+        # adaLN-Zero (Meta's DiT; ours: the official shortcut code zeroes only the final layer): every block starts
+        # as the identity and the output at zero, so an untrained model predicts v = 0 (or x1 = 0 with
+        # predict="x"): a stable start for the bootstrap teacher too.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -188,7 +203,8 @@ class DiT(nn.Module):
         """x_t: (B, C, H, W); t: (B,) in [0, 1]; d: (B,) step size in [1/128, 1]; y: (B, D), zero rows = null.
         Returns the predicted velocity (B, C, H, W), whatever the last layer predicts."""
         x = self.x_embedder(x_t).flatten(2).transpose(1, 2) + self.pos_embed   # (B, T, C), T = (H/p)*(W/p)
-        c = self.t_embedder(t) + self.d_embedder(d) + self.y_embedder(y)       # (B, C)
+        d_in = d if self.d_embedding == "value" else -torch.log2(d)             # d in [1/128, 1] or level 0 ... 7
+        c = self.t_embedder(t) + self.d_embedder(d_in) + self.y_embedder(y)    # (B, C)
         for block in self.blocks:
             x = block(x, c)                                                      # (B, T, C)
         x = self.final_layer(x, c)                                               # (B, T, p*p*C_in)

@@ -6,18 +6,21 @@ frozen text-encoder feature per caption, and meta.json.
     python prepare_data.py --n 2000 --out data/toyfaces_small
     python prepare_data.py --resolution 64 --out data/toyfaces64
 
-The paper's data set, "celebahq", is a folder of captioned photos (CelebAMask-HQ, MM-CelebA-HQ or any folder
-with a metadata.jsonl: read_source), encoded once by a frozen SD-VAE into 4x32x32 latents of each image and of
-its mirror image (V = 2 views), the captions by a frozen CLIP text encoder (README: "Train on CelebA-HQ"):
+The paper's data set, CelebA-HQ 256 px ("celebahq"), is a folder of photos (CelebAMask-HQ, MM-CelebA-HQ or any
+folder with a metadata.jsonl: read_source), encoded once by a frozen SD-VAE into 4x32x32 latents of each image and
+of its mirror image (V = 2 views); the captions (ours: the paper's run is unconditional) by a frozen CLIP text
+encoder; and, while the images are at hand, the Inception statistics of all of them for fid.py (docs/reproduce.md):
 
     python prepare_data.py --dataset celebahq --source ~/CelebAMask-HQ       # data/celebahq, 256 px
-    python prepare_data.py --dataset celebahq --source DIR --vae /path/to/sd-vae-ft-mse --clip /path/to/clip
+    python prepare_data.py --dataset celebahq --source DIR --vae /path/to/sd-vae-ft-mse --clip /path/to/clip \
+        --inception pt_inception-2015-12-05-6726825d.pth
 
 Written to --out, meta.json last (a half-written directory never looks complete; load_data reads it all back):
     x1.npy              float16 (N, V, C, H, W): pixels in [-1, 1] (toyfaces) or VAE latents x scaling_factor
     text_features.npy   float32 (K, D), one row per caption; caption_image.npy int64 (K,): its row of x1
     captions.json       the K captions; attributes.npy int8 (N, 5) and clip/, the text encoder (toyfaces only)
     meta.json           shapes; "text_encoder" and "vae": hub names or directories ("none": pixels)
+    fid_stats.npz       celebahq: mu, sigma, n and the Inception weights' hash of the real images (fid.load_stats)
 
 # expected output of `python prepare_data.py` (about 15 s on 2 CPU cores):
 # wrote data/toyfaces: x1 (20000, 1, 3, 32, 32) float16 117.2 MiB, 80000 captions (276 distinct),
@@ -92,16 +95,17 @@ def encode_text(captions, clip_path, device="cpu", batch_size=256):
 # writing
 
 def begin_dataset(out):
-    """Make out and remove its meta.json: until write_dataset ends, the directory does not look complete."""
+    """Make out and remove its meta.json: until write_dataset ends, the directory does not look complete. FID
+    statistics of the data that was there go too: they describe other images."""
     os.makedirs(out, exist_ok=True)
-    if os.path.exists(os.path.join(out, "meta.json")):
-        os.remove(os.path.join(out, "meta.json"))
+    for name in os.listdir(out):
+        if name == "meta.json" or (name.startswith("fid_stats") and name.endswith(".npz")):
+            os.remove(os.path.join(out, name))
 
 
 def write_dataset(out, x1, captions, caption_image, text_features, meta, extra_arrays=()):
-    """Write the flat arrays, then meta.json last (its presence means 'complete'). x1 is an array, or the
-    memmap of out/x1.npy that the latents were already streamed into."""
-    begin_dataset(out)
+    """Write the flat arrays, then meta.json last (its presence means 'complete'), into a directory begin_dataset
+    made. x1 is an array, or the memmap of out/x1.npy that the latents were already streamed into."""
     path = os.path.join(out, "x1.npy")
     if not (isinstance(x1, np.memmap) and x1.filename == os.path.abspath(path)):
         np.save(path, x1.astype(np.float16))
@@ -154,6 +158,7 @@ def load_data(data_dir):
 
 
 def prepare_toyfaces(out, n=20000, seed=0, resolution=32, captions_per_image=4):
+    begin_dataset(out)
     images, attrs = make_faces(n, seed, resolution)
     x1 = (images.transpose(0, 3, 1, 2)[:, None] / 127.5 - 1).astype(np.float16)  # (N, V=1, C, H, W)
     rng = np.random.default_rng([seed, 1])
@@ -296,6 +301,27 @@ def load_images(paths, resolution):
     return images, np.array([p not in errors for p in paths]), errors
 
 
+def image_batches(paths, resolution, batch_size, workers):
+    """Batches of load_images over paths, read by `workers` processes: (uint8 images, ok, errors) per batch."""
+    import torch
+    return torch.utils.data.DataLoader(paths, batch_size=batch_size, num_workers=workers,
+                                       collate_fn=functools.partial(load_images, resolution=resolution))
+
+
+def load_fid_inception(path, device):
+    """fid.py's Inception network for the real-image FID statistics, or None (path None, or no weights: then one
+    line says so; fid.py makes the statistics later from the source folder)."""
+    if path is None:
+        return None
+    from fid import load_inception
+    try:
+        return load_inception(None if path == "auto" else path, device)
+    except SystemExit as e:
+        print(f"no real-image FID statistics now ({str(e).removeprefix('error: ')}); "
+              "fid.py computes them from --source later")
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def load_vae(name, device):
     """The frozen VAE of a latent data set (diffusers AutoencoderKL), by hub name or local directory."""
@@ -310,12 +336,15 @@ def local_or_hub(name):
 
 
 def prepare_images(out, source, vae="stabilityai/sd-vae-ft-mse", clip="openai/clip-vit-base-patch32", resolution=256,
-                   n=None, captions_per_image=4, batch_size=16, workers=4, seed=0):
+                   n=None, captions_per_image=4, batch_size=16, workers=4, seed=0, inception=None):
     """Encode a folder of captioned images (layouts: read_source) into a latent data set. Returns its meta.
 
     x1[i, 0] = scaling_factor * the VAE posterior mean of image i, x1[i, 1] the same of its mirror image. The mean,
     not a sample: a cached sample would freeze one draw of the posterior noise into the data for every epoch
     (DiT, encoding on the fly, draws afresh each step); the mean is deterministic and reproducible.
+    inception: Inception weights for fid.py ("auto": the torch hub cache or a download; None: skip). With them,
+    fid_stats.npz holds the Inception statistics of every image as training sees it (cropped and resized, not
+    mirrored): the official FID compares with real images, not with what the VAE makes of them.
     """
     layout, paths, captions = read_source(source, captions_per_image, seed)  # before importing torch: fails fast
     import torch
@@ -325,6 +354,7 @@ def prepare_images(out, source, vae="stabilityai/sd-vae-ft-mse", clip="openai/cl
     # both frozen models first: a missing one fails now, not after hours of encoding
     autoencoder = load_vae(vae, device)
     features = encode_text([c for text in captions for c in text], clip, device)   # (K, D), every caption
+    fid_net = load_fid_inception(inception, device)
     f = 2 ** (len(autoencoder.config.block_out_channels) - 1)                      # 8 for SD-VAE
     if resolution % f:
         raise SystemExit(f"error: --resolution {resolution} is not a multiple of the VAE's downsampling {f}")
@@ -335,8 +365,10 @@ def prepare_images(out, source, vae="stabilityai/sd-vae-ft-mse", clip="openai/cl
     partial = os.path.join(out, "x1.partial.npy")
     x1 = np.lib.format.open_memmap(partial, "w+", np.float16,
                                    (len(paths), 2, autoencoder.config.latent_channels, resolution // f, resolution // f))
-    loader = torch.utils.data.DataLoader(paths, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=functools.partial(load_images, resolution=resolution))
+    loader = image_batches(paths, resolution, batch_size, workers)
+    if fid_net is not None:
+        from fid import RunningStats, real_features
+        real = RunningStats()
     ok, n_ok, start = [], 0, time.time()
     with tqdm(total=len(paths), unit="img", desc=f"encode on {device}") as bar, torch.inference_mode():
         for images, read, errors in loader:
@@ -348,6 +380,8 @@ def prepare_images(out, source, vae="stabilityai/sd-vae-ft-mse", clip="openai/cl
                 z = autoencoder.encode(x).latent_dist.mean * scale        # (2b, C, R/f, R/f)
                 x1[n_ok:n_ok + len(images)] = z.unflatten(0, (-1, 2)).half().cpu().numpy()
                 n_ok += len(images)
+                if fid_net is not None:
+                    real.update(real_features(images, fid_net))
             ok.append(read)
             bar.update(len(read))
     seconds, ok = time.time() - start, np.concatenate(ok)
@@ -374,6 +408,10 @@ def prepare_images(out, source, vae="stabilityai/sd-vae-ft-mse", clip="openai/cl
                 latent_scale=float(scale), text_encoder=local_or_hub(clip), resolution=resolution,
                 skipped=int((~ok).sum()), seed=seed)
     kept_captions = [c for text, o in zip(captions, ok) if o for c in text]
+    if fid_net is not None:  # before meta.json: a complete data set has its statistics
+        from fid import inception_hash, save_stats
+        save_stats(os.path.join(out, "fid_stats.npz"), *real.stats(), n=real.n, inception=inception_hash(fid_net),
+                   reference=f"real images of {os.path.abspath(source)} at {resolution} px")
     return write_dataset(out, np.load(final, mmap_mode="r+"), kept_captions, caption_image, features[keep], meta)
 
 
@@ -391,6 +429,8 @@ if __name__ == "__main__":
     p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP text encoder: hub name or local dir")
     p.add_argument("--batch-size", type=int, default=16, help="images per VAE batch (each is encoded twice: both flips)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-reading processes")
+    p.add_argument("--inception", default="auto",
+                   help="FID Inception weights for the real-image statistics (auto: the torch hub cache or download)")
     args = p.parse_args()
     out = args.out or os.path.join("data", args.dataset)
     if args.dataset == "toyfaces":
@@ -399,7 +439,7 @@ if __name__ == "__main__":
         raise SystemExit("error: --dataset celebahq needs --source DIR, the folder that holds the images")
     else:
         meta = prepare_images(out, args.source, args.vae, args.clip, args.resolution or 256, args.n,
-                              args.captions_per_image, args.batch_size, args.workers, args.seed)
+                              args.captions_per_image, args.batch_size, args.workers, args.seed, args.inception)
     mib = lambda name: os.path.getsize(os.path.join(out, name)) / 2 ** 20
     N, V, (C, H, W) = meta["num_images"], meta["views"], meta["shape"]
     K = meta["num_captions"]
@@ -410,3 +450,7 @@ if __name__ == "__main__":
           f"{K} captions ({distinct} distinct),\n"
           f"text_features ({K}, {meta['feature_dim']}) float32 {mib('text_features.npy'):.1f} MiB, "
           f"text encoder {encoder if os.path.isdir(encoder) else meta['text_encoder']}")
+    if os.path.isfile(os.path.join(out, "fid_stats.npz")):
+        from fid import load_stats
+        info = load_stats(os.path.join(out, "fid_stats.npz"))[2]
+        print(f"fid_stats.npz: Inception statistics of {info['n']} real images (weights {info['inception']})")

@@ -4,12 +4,16 @@ Sample images from a trained shortcut model in 1, 2, 4 ... 128 steps.
     python sample.py --prompt "a man with glasses" --steps 1 128            # 64 seeds, 1 and 128 steps
     python sample.py --prompt "a man with glasses" "a smiling woman" --steps 1 2 4 128 --n 8
     python sample.py --prompt "a woman with red hair" --steps 128 --cfg 2.0 --seed 3
+    python sample.py --ckpt out_uncond/ckpt.pt --steps 1 128 --weights online    # a train.py --unconditional run
 
-Loads the EMA weights from out/ckpt.pt (--ckpt) and writes one PNG (its path is printed): a block of columns per
-step count, the same seed in the same place in every block, a band of rows per prompt, small images enlarged
-(nearest) to 128 px. On toyfaces it also prints, per prompt and step count, how many samples the attribute reader
-finds showing every attribute the prompt names, and how far the attributes the prompt leaves open are from the
-training data's (total variation: 0 = the data's mix, 1 = none of it; toyfaces.open_attribute_tv).
+Loads the EMA weights from out/ckpt.pt (--ckpt; --weights online: the trained weights themselves, what the
+official code samples and evaluates with) and writes one PNG (its path is printed): a block of columns per step
+count, the same seed in the same place in every block, a band of rows per prompt, small images enlarged (nearest)
+to 128 px. On toyfaces it also prints, per prompt and step count, how many samples the attribute reader finds
+showing every attribute the prompt names, and how far the attributes the prompt leaves open are from the training
+data's (total variation: 0 = the data's mix, 1 = none of it; toyfaces.open_attribute_tv). An unconditional model
+(train.py --unconditional, the paper's CelebA-HQ setting) takes no prompt: there the reader counts clean faces and
+the TV covers all five attributes against the whole data set, the empty prompt's view of the same two figures.
 """
 
 import argparse
@@ -61,15 +65,18 @@ def read_checkpoint(path, device):
         raise SystemExit(f"error: cannot load checkpoint {path}: {str(e).splitlines()[0]}")
 
 
-def load_checkpoint(path, device):
-    """Returns (EMA model in eval mode, checkpoint dict). Any problem is one clear line (SystemExit)."""
+def load_checkpoint(path, device, weights="ema"):
+    """Returns (model in eval mode, checkpoint dict). weights="ema": the EMA weights (DiT's habit and ours);
+    "online": the weights the optimiser trained, which the official code samples and evaluates with (use_ema=0).
+    Any problem is one clear line (SystemExit)."""
     ckpt = read_checkpoint(path, device)
     try:
         meta, args = ckpt["meta"], ckpt["args"]
         model = DiT(**DiT_models[args["model"]], input_size=meta["shape"][1], in_channels=meta["shape"][0],
                     feature_dim=meta["feature_dim"], predict=args.get("predict", "v"),
-                    time_scale=args.get("time_scale", 1000.0), x_floor=args.get("x_floor", 0.25)).to(device)
-        model.load_state_dict(ckpt["ema"])  # the EMA weights are the ones to sample with
+                    time_scale=args.get("time_scale", 1000.0), x_floor=args.get("x_floor", 0.25),
+                    d_embedding=args.get("d_embedding", "value")).to(device)
+        model.load_state_dict(ckpt[{"ema": "ema", "online": "model"}[weights]])
     except Exception as e:  # missing keys, shape mismatch ...
         raise SystemExit(f"error: cannot load checkpoint {path}: {str(e).splitlines()[0]}")
     return model.eval(), ckpt
@@ -93,10 +100,18 @@ def told_step(train_args):
     return None
 
 
-def to_images(x, meta):
-    """Model space -> RGB in [0, 1], (B, 3, H, W): toyfaces are pixels in [-1, 1]; latents go through the VAE."""
+def is_unconditional(ckpt):
+    """A model trained with train.py --unconditional: every row had the null caption (the paper's CelebA-HQ run)."""
+    return ckpt["args"].get("unconditional", False)
+
+
+def to_images(x, meta, chunk=16):
+    """Model space -> RGB in [0, 1], (B, 3, H, W): toyfaces are pixels in [-1, 1]; latents go through the VAE,
+    `chunk` at a time: the SD-VAE decoder's activations at 256 px are ~100 MB per image, so a whole sampling batch
+    of 250 at once would not fit a 24 GB card."""
     if meta["vae"] != "none":
-        x = load_vae(meta["vae"], str(x.device)).decode(x / meta["latent_scale"]).sample
+        vae = load_vae(meta["vae"], str(x.device))
+        x = torch.cat([vae.decode(z / meta["latent_scale"]).sample for z in x.split(chunk)])
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
@@ -189,16 +204,18 @@ def one_line_errors(parser):
 def parse_args(argv=None):
     """The command line; any bad value is one line on stderr and exit code 2."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompt", nargs="+", default=["a man with glasses"])
+    parser.add_argument("--prompt", nargs="+", help='default "a man with glasses"; none for an unconditional model')
     parser.add_argument("--steps", nargs="+", type=power_of_two_steps, default=[1], help="1, 2, 4 ... 128")
     parser.add_argument("--n", type=int, default=64, help="samples (seeds) per prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--ckpt", default="out/ckpt.pt")
+    parser.add_argument("--weights", choices=["ema", "online"], default="ema",
+                        help="the EMA (ours, DiT's) or the online weights (the official evaluation's)")
     parser.add_argument("--out", default="samples", help="directory for the PNG")
     one_line_errors(parser)
     args = parser.parse_args(argv)
-    if any(not p.strip() for p in args.prompt):
+    if any(not p.strip() for p in args.prompt or []):
         parser.error("empty prompt: say what to draw, e.g. --prompt \"a man with glasses\"")
     if args.n < 1:
         parser.error(f"--n must be at least 1, got {args.n}")
@@ -210,9 +227,17 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     args = parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, ckpt = load_checkpoint(args.ckpt, device)
+    model, ckpt = load_checkpoint(args.ckpt, device, args.weights)
     meta = ckpt["meta"]
-    y = torch.from_numpy(encode_text(args.prompt, meta["text_encoder"], device)).to(device)  # (P, D)
+    if is_unconditional(ckpt):
+        if args.prompt or args.cfg != 1:
+            raise SystemExit(f"error: {args.ckpt} is unconditional (train.py --unconditional): it takes no --prompt "
+                             "and no --cfg")
+        labels, prompts = ["unconditional"], [""]  # the empty prompt names no attribute: the reader's view of it
+        y = torch.zeros(1, meta["feature_dim"], device=device)  # the learned null caption, what it was trained on
+    else:
+        labels = prompts = args.prompt or ["a man with glasses"]
+        y = torch.from_numpy(encode_text(prompts, meta["text_encoder"], device)).to(device)  # (P, D)
     if meta["vae"] != "none":
         load_vae(meta["vae"], str(y.device))  # a missing VAE fails now, not after sampling
     with autocast(device):
@@ -220,20 +245,21 @@ if __name__ == "__main__":
                             model_d=told_step(ckpt["args"]))
 
     os.makedirs(args.out, exist_ok=True)
-    name = re.sub("[^a-zA-Z0-9]+", "_", args.prompt[0])[:60]  # a safe file name for any prompt
+    name = re.sub("[^a-zA-Z0-9]+", "_", labels[0])[:60]  # a safe file name for any prompt
     path = os.path.join(args.out, f"{name}_steps{'-'.join(map(str, args.steps))}_seed{args.seed}.png")
-    save_grid(images, args.prompt, args.steps, path)
+    save_grid(images, labels, args.steps, path)
     print(f"wrote {path}")
     if meta["dataset"] == "toyfaces":
         import toyfaces
         data_dir = ckpt["args"]["data_dir"]
-        dist = toyfaces.data_distribution(data_dir, args.prompt) if os.path.isdir(data_dir) else None
-        for p, prompt in enumerate(args.prompt):
+        dist = toyfaces.data_distribution(data_dir, prompts) if os.path.isdir(data_dir) else None
+        found = "finds a clean face in" if is_unconditional(ckpt) else "agrees on"
+        for p, (prompt, label) in enumerate(zip(prompts, labels)):
             for s, steps in enumerate(args.steps):
                 pixels = (images[p, :, s] * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
                 reads = toyfaces.read_attributes(pixels)
                 right = sum(toyfaces.shows(r, prompt) for r in reads)
-                line = (f"{prompt!r} {steps:3d} step{'s' if steps > 1 else ' '}: attribute reader agrees on "
+                line = (f"{label!r} {steps:3d} step{'s' if steps > 1 else ' '}: attribute reader {found} "
                         f"{right}/{args.n} = {right / args.n:.0%}")
                 if dist is not None:  # the data set is needed for its attribute distribution
                     tv = toyfaces.open_attribute_tv(reads, [prompt] * len(reads), dist)

@@ -1,6 +1,6 @@
 """Tests for real data: prepare_data.py --dataset celebahq -> train.py -> sample.py (CPU, offline, seconds).
 A tiny random AutoencoderKL (8x downsampling, 4 latent channels) and a tiny CLIP text encoder stand in for
-SD-VAE and CLIP; 64x64 images give 8x8 latents.    python -m pytest -q test_celebahq.py
+SD-VAE and CLIP (conftest.py); 64x64 images give 8x8 latents.    python -m pytest -q test_celebahq.py
 """
 import json
 import os
@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 import prepare_data as pd
-import toyfaces
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CELEBA_NAMES = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
@@ -25,19 +24,6 @@ CELEBA_NAMES = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bal
                 "Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat "
                 "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young").split()
 N = 10
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tiny AutoencoderKL and CLIP text encoder, saved with save_pretrained like the real ones."""
-    from diffusers import AutoencoderKL
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4)
-    vae.save_pretrained(root / "vae")
-    toyfaces.make_tiny_clip(str(root / "clip"), ["man", "woman", "glasses", "smiling"])
-    return str(root / "vae"), str(root / "clip")
 
 
 def faces(seed=0):
@@ -261,3 +247,46 @@ def test_train_and_sample_decode_latents(models, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         run_script("sample.py", "--ckpt", str(tmp_path / "hub.pt"), "--out", str(tmp_path / "samples"))
     assert "cannot load VAE 'stabilityai/sd-vae-ft-mse' (offline?): pass --vae" in str(e.value.code)
+
+
+def test_real_image_stats_of_prepare_equal_fid_from_the_files(models, inception_file, tmp_path, monkeypatch, capsys):
+    import fid
+    src, _ = make_source(tmp_path, "metadata.jsonl")
+    (src / "imgs" / "3.png").write_bytes(b"not an image at all")  # skipped by both sides alike
+    out = str(tmp_path / "out")
+    meta = pd.prepare_images(out, str(src), *models, resolution=64, workers=0, inception=inception_file)
+    mu, sigma, info = fid.load_stats(os.path.join(out, "fid_stats.npz"))
+    inception = fid.load_inception(inception_file)
+    assert info["n"] == meta["num_images"] == N - 1 and info["inception"] == fid.inception_hash(inception)
+    assert os.path.getmtime(os.path.join(out, "meta.json")) >= os.path.getmtime(os.path.join(out, "fid_stats.npz"))
+
+    # fid.py, when the file is missing, reads the same files the same way (the source folder in meta.json)
+    os.remove(os.path.join(out, "fid_stats.npz"))
+    mu2, sigma2, info2, path = fid.reference_stats(out, meta, "real", inception, batch=4)
+    assert path == os.path.join(out, "fid_stats.npz") and info2["n"] == N - 1
+    np.testing.assert_allclose(mu2, mu, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(sigma2, sigma, rtol=1e-5, atol=1e-8)
+    # the VAE's reconstructions are another reference, cached apart: their gap to the real images is the VAE's
+    mu3, _, info3, path3 = fid.reference_stats(out, meta, "vae", inception, batch=4)
+    assert path3.endswith("fid_stats_vae.npz") and info3["n"] == N - 1 and not np.allclose(mu3, mu)
+
+    # no Inception weights (offline, nothing cached): one line says so, the data set is complete without them
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    capsys.readouterr()
+    pd.prepare_images(out, str(src), *models, resolution=64, workers=0, inception="auto")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "FID" in line]
+    assert len(lines) == 1 and lines[0].startswith("no real-image FID statistics now") and "--inception" in lines[0]
+    assert not any(f.startswith("fid_stats") for f in os.listdir(out))  # the old statistics described other data
+
+
+def test_chunked_vae_decode_equals_unchunked(models):
+    from sample import to_images
+    meta = {"vae": models[0], "latent_scale": 0.18215}
+    z = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole, chunked = to_images(z, meta, chunk=len(z)), to_images(z, meta, chunk=2)
+    assert whole.shape == (5, 3, 64, 64)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)

@@ -1,5 +1,6 @@
 """Tests for fid.py (CPU, no downloads):  python -m pytest -q test_fid.py"""
 
+import os
 import urllib.error
 
 import numpy as np
@@ -87,10 +88,11 @@ def test_running_stats_equal_compute_stats_and_roundtrip(tmp_path):
     assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (16, 16)
     np.testing.assert_allclose(mu2, mu, rtol=1e-10)
     np.testing.assert_allclose(sigma2, sigma, rtol=1e-8, atol=1e-10)
-    fid.save_stats(tmp_path / "stats.npz", mu, sigma)
-    mu3, sigma3 = fid.load_stats(tmp_path / "stats.npz")
+    fid.save_stats(tmp_path / "stats.npz", mu, sigma, n=300, inception="0123abcd", reference="test features")
+    mu3, sigma3, info = fid.load_stats(tmp_path / "stats.npz")
     np.testing.assert_array_equal(mu3, mu)
     np.testing.assert_array_equal(sigma3, sigma)
+    assert info == {"n": 300, "inception": "0123abcd", "reference": "test features"}
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +162,7 @@ def tiny_run(tmp_path_factory):
     from model import DiT, DiT_models
     from prepare_data import prepare_toyfaces
     root = tmp_path_factory.mktemp("fid")
-    meta = prepare_toyfaces(str(root / "data"), n=32)
+    meta = prepare_toyfaces(str(root / "data"), n=8)  # the real-image reference is all of them
     torch.manual_seed(0)
     model = DiT(**DiT_models["DiT-T/4"], input_size=meta["shape"][1], in_channels=meta["shape"][0],
                 feature_dim=meta["feature_dim"])
@@ -182,11 +184,15 @@ def test_cli_table_csv_plot_and_cached_reference(tiny_run, monkeypatch, capsys):
     run_cli(monkeypatch, "--ckpt", tiny_run / "ckpt.pt", "--steps", 2, "--n", 3, "--batch", 2,
             "--inception", tiny_run / "inception.pth", "--out", tiny_run / "res")
     out = capsys.readouterr().out
-    assert "N = 3 samples per row" in out and "FID" in out and "accuracy" in out
+    assert "N = 3 samples per row" in out and "FID" in out and "accuracy" in out and "(ema weights)" in out
+    # pixel data: the real images are x1.npy itself, all 8 of them, cached with the Inception weights' hash
+    assert f"reference: the data's images, N = 8 ({tiny_run / 'data' / 'fid_stats.npz'})" in out
     rows = (tiny_run / "res" / "fid.csv").read_text().split()
-    assert rows[0] == "steps,n,fid,prompt_accuracy,open_attribute_tv" and rows[1].startswith("2,3,")
+    assert rows[0] == "steps,n,fid,prompt_accuracy,open_attribute_tv,weights,reference,reference_n"
+    assert rows[1].startswith("2,3,") and rows[1].endswith(",ema,real,8")
     assert np.isfinite(float(rows[1].split(",")[2])) and 0 <= float(rows[1].split(",")[3]) <= 1
-    assert (tiny_run / "data" / "fid_stats_toyfaces_32px_3.npz").exists()
+    info = fid.load_stats(tiny_run / "data" / "fid_stats.npz")[2]
+    assert info["n"] == 8 and info["inception"] == fid.inception_hash(fid.load_inception(tiny_run / "inception.pth"))
     from PIL import Image
     assert Image.open(tiny_run / "res" / "fid.png").size == (760, 3 * 320)  # three panels: FID, accuracy, TV
 
@@ -205,3 +211,33 @@ def test_cli_without_inception_weights_still_gives_accuracy(tiny_run, monkeypatc
     assert [line.split()[0] for line in lines[header + 1:header + 3]] == ["1", "4"]
     assert all(line.split()[1].endswith("%") for line in lines[header + 1:header + 3])
     assert [r[:5] for r in (tiny_run / "res2" / "fid.csv").read_text().split()[1:]] == ["1,3,,", "4,3,,"]
+
+
+def test_unconditional_train_sample_fid(tiny_run, monkeypatch, capsys):
+    """The paper's CelebA-HQ setting on toyfaces: train.py --unconditional -> sample.py without a prompt -> fid.py with
+    the null caption and the online weights."""
+    import runpy
+    ckpt = tiny_run / "uncond" / "ckpt.pt"
+    for script, *argv in [("train.py", "--data-dir", tiny_run / "data", "--out", tiny_run / "uncond", "--model",
+                           "DiT-T/4", "--batch", 4, "--max-steps", 3, "--sample-every", 3, "--unconditional"),
+                          ("sample.py", "--ckpt", ckpt, "--steps", 1, 2, "--n", 2, "--out", tiny_run / "uncond")]:
+        monkeypatch.setattr("sys.argv", [script, *map(str, argv)])
+        runpy.run_path(os.path.join(os.path.dirname(fid.__file__), script), run_name="__main__")
+    saved = torch.load(ckpt, weights_only=True)
+    # adaLN-Zero: c gets a gradient from the third step on; the learned null caption is then all the text there is
+    assert saved["args"]["unconditional"] and not torch.equal(saved["model"]["y_embedder.null"],
+                                                              torch.zeros_like(saved["model"]["y_embedder.null"]))
+    out = capsys.readouterr().out
+    assert "wrote " + str(tiny_run / "uncond" / "unconditional_steps1-2_seed0.png") in out
+    assert "'unconditional'   1 step : attribute reader finds a clean face in" in out
+
+    monkeypatch.setattr("sys.argv", ["sample.py", "--ckpt", str(ckpt), "--prompt", "a man"])
+    with pytest.raises(SystemExit, match="is unconditional .* takes no --prompt"):
+        runpy.run_path(os.path.join(os.path.dirname(fid.__file__), "sample.py"), run_name="__main__")
+
+    run_cli(monkeypatch, "--ckpt", ckpt, "--steps", 1, "--n", 3, "--batch", 3, "--weights", "online",
+            "--inception", tiny_run / "inception.pth", "--out", tiny_run / "res3")
+    out = capsys.readouterr().out
+    assert "N = 3 samples per row, unconditional" in out and "(online weights)" in out
+    assert "steps       FID  is a face  open-attribute TV" in out
+    assert (tiny_run / "res3" / "fid.csv").read_text().split()[1].endswith(",online,real,8")

@@ -19,6 +19,15 @@ from sample import load_checkpoint, parse_args, sample
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def test_level_embedding_of_d_is_the_official_log2():
+    model = DiT(**DiT_models["DiT-T/4"], input_size=16, in_channels=3, feature_dim=7, d_embedding="level")
+    seen = []
+    model.d_embedder.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    model(torch.randn(3, 3, 16, 16), torch.rand(3), torch.tensor([1, 0.5, 1 / 128]), torch.randn(3, 7))
+    assert torch.equal(seen[0], torch.tensor([0.0, 1.0, 7.0])) and model.d_embedder.scale == 1  # raw, as official
+    assert DiT(**DiT_models["DiT-T/4"], input_size=16, in_channels=3, feature_dim=7).d_embedder.scale == 1000
+
+
 def test_model_shapes_zero_init_and_null_caption():
     model = DiT(**DiT_models["DiT-T/4"], input_size=16, in_channels=3, feature_dim=7)
     x, t, d, y = torch.randn(4, 3, 16, 16), torch.rand(4), torch.tensor([1, 0.5, 1 / 64, 1 / 128]), torch.randn(4, 7)

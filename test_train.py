@@ -242,6 +242,13 @@ BAD = {
                                  "this run is DiT-T/4 --objective meanflow --predict v --x-floor 0.02 --time-scale"),
     "--resume other time scale": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--time-scale", "1"],
                                   "--x-floor 0.25 --time-scale 1 on [3, 16, 16]"),
+    "--resume unconditional": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--unconditional"],
+                               "this run is DiT-T/4 --objective shortcut --predict v --x-floor 0.25 --time-scale 1000 "
+                               "--unconditional on [3, 16, 16]"),
+    "--resume level embedding": (lambda data, tmp: ["--out", str(tmp / "run"), "--resume", "--d-embedding", "level"],
+                                 "--time-scale 1000 --d-embedding level on [3, 16, 16]"),
+    "level embedding with meanflow": (lambda data, tmp: ["--objective", "meanflow", "--d-embedding", "level"],
+                                      "--d-embedding level needs d > 0: not with --objective meanflow"),
     "flow fraction above 1": (lambda data, tmp: ["--objective", "meanflow", "--flow-fraction", "1.5"],
                               "need 0 <= --flow-fraction <= 1 and --time-scale > 0, got 1.5 and 1000"),
     "--resume other data shape": (other_resolution, "--time-scale 1000 on [3, 16, 16] data with 64-dim text "

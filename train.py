@@ -8,6 +8,7 @@ self-consistency, MeanFlow (Geng et al. 2025) or alpha-Flow (Zhang et al. 2025).
     python train.py --objective shortcut --time-scale 1000 --max-steps 3000 --out out_sc   # the paper's objective
     python train.py --objective flow --time-scale 1000 --max-steps 3000 --out out_fm       # the flow-matching baseline
     python train.py --objective alphaflow --flow-fraction 0.5 --out out_af                 # alpha-Flow
+    python train.py --unconditional --out out_uncond             # no text: the paper's CelebA-HQ setting
     python train.py --resume             # after a crash: the same command plus --resume (bit for bit on a CPU)
     torchrun --standalone --nproc_per_node=8 train.py            # DDP on the 8 GPUs of one machine
 
@@ -118,9 +119,13 @@ def parse_args():
                         help="meanflow: the JVP's x-tangent, the data's v or the model's own (improved MeanFlow)")
     parser.add_argument("--x-floor", type=float, help="--predict x: the floor on 1 - t (default: the objective's)")
     parser.add_argument("--time-scale", type=float, help="t and d x this before their embedding (1000 or 1)")
+    parser.add_argument("--d-embedding", choices=["value", "level"], default="value",
+                        help="d enters its embedding as its value x --time-scale (ours) or its level log2(1/d) (official)")
     parser.add_argument("--bootstrap-every", type=int, help="1/N of each batch is self-consistency; 0 = flow matching")
     parser.add_argument("--denoise-steps", type=int, default=128, help="smallest step 1/M; sampling allows up to M steps")
     parser.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of captions replaced by the null one")
+    parser.add_argument("--unconditional", action="store_true",
+                        help="every row gets the null caption: no text (the paper's CelebA-HQ run has no labels)")
     parser.add_argument("--max-steps", type=positive_int)
     parser.add_argument("--log-every", type=positive_int, default=50)
     parser.add_argument("--sample-every", type=positive_int, help="checkpoint and grid PNG every N steps")
@@ -181,21 +186,27 @@ def save_checkpoint(ckpt, path):
                          "stopped, the previous checkpoint is untouched")
 
 
+def run_flags(a):
+    """The flags that fix what a run's network is and learns, from its args as a dict; an older checkpoint's args
+    lack the newer flags: their defaults then."""
+    return (f"{a['model']} --objective {a.get('objective', 'shortcut')} --predict {a.get('predict', 'v')} "
+            f"--x-floor {a.get('x_floor', 0.25):g} --time-scale {a.get('time_scale', 1000.0):g}"
+            + " --d-embedding level" * (a.get("d_embedding", "value") == "level")
+            + " --unconditional" * bool(a.get("unconditional", False)))
+
+
 def resume(ckpt_path, args, meta, model, ema, optimizer, rng, device):
     """Load ckpt.pt into the model, its EMA, AdamW's moments and the RNG states (batches are random draws, so the
     RNG state is the position in the data order). -> the step to continue from. Any mismatch is one line."""
     ckpt = read_checkpoint(ckpt_path, "cpu")  # on the CPU: RNG states must be CPU tensors
     try:
-        a = ckpt["args"]
-        theirs = (f"{a['model']} --objective {a.get('objective', 'shortcut')} --predict {a.get('predict', 'v')} "
-                  f"--x-floor {a.get('x_floor', 0.25):g} --time-scale {a.get('time_scale', 1000.0):g}",
-                  ckpt["meta"]["shape"], ckpt["meta"]["feature_dim"])
-        ours = (f"{args.model} --objective {args.objective} --predict {args.predict} --x-floor {args.x_floor:g} "
-                f"--time-scale {args.time_scale:g}", meta["shape"], meta["feature_dim"])
+        theirs = (run_flags(ckpt["args"]), ckpt["meta"]["shape"], ckpt["meta"]["feature_dim"])
+        ours = (run_flags(vars(args)), meta["shape"], meta["feature_dim"])
         if theirs != ours:
             raise SystemExit(f"error: {ckpt_path} is {theirs[0]} on {theirs[1]} data with {theirs[2]}-dim text "
                              f"features, this run is {ours[0]} on {ours[1]} with {ours[2]}-dim: resume with "
-                             "the --model, --objective, --predict, --x-floor, --time-scale and --data-dir it was trained with")
+                             "the --model, --objective, --predict, --x-floor, --time-scale, --d-embedding, --unconditional "
+                             "and --data-dir it was trained with")
         if ckpt["step"] > args.max_steps:
             raise SystemExit(f"error: {ckpt_path} is at step {ckpt['step']}, beyond --max-steps {args.max_steps}")
         model.load_state_dict(ckpt["model"])
@@ -243,6 +254,8 @@ if __name__ == "__main__":
         args.x_floor = X_FLOOR[args.objective]
     if not (0 <= args.flow_fraction <= 1 and args.time_scale > 0):
         parser.error(f"need 0 <= --flow-fraction <= 1 and --time-scale > 0, got {args.flow_fraction} and {args.time_scale}")
+    if args.d_embedding == "level" and args.objective in ADAPTIVE:
+        parser.error(f"--d-embedding level needs d > 0: not with --objective {args.objective}, whose flow rows have d = 0")
     if args.batch > meta["num_images"]:
         parser.error(f"--batch {args.batch} is larger than the data set ({meta['num_images']} images in {args.data_dir})")
     ddp, rank, world_size, local_rank, device = setup_ddp()
@@ -259,13 +272,16 @@ if __name__ == "__main__":
         k = rng.integers(len(features), size=args.batch)[rows]                 # random captions ...
         view = rng.integers(x1_all.shape[1], size=args.batch)[rows]            # ... and a random flip of each image
         x1, y = torch.from_numpy(x1_all[caption_image[k], view].astype(np.float32)), torch.from_numpy(features[k])
+        if args.unconditional:  # all-zero rows: the learned null embedding is the model's only condition
+            y = torch.zeros_like(y)
         if device != "cpu":  # page-locked memory: the copies are asynchronous, the CPU goes on queueing work
             x1, y = x1.pin_memory(), y.pin_memory()
         return x1.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     # the model, its EMA (the bootstrap teacher and the weights we sample with), AdamW
     model = DiT(**DiT_models[args.model], input_size=meta["shape"][1], in_channels=meta["shape"][0],
-                feature_dim=meta["feature_dim"], predict=args.predict, time_scale=args.time_scale, x_floor=args.x_floor).to(device)
+                feature_dim=meta["feature_dim"], predict=args.predict, time_scale=args.time_scale, x_floor=args.x_floor,
+                d_embedding=args.d_embedding).to(device)
     model.y_embedder.set_feature_stats(torch.from_numpy(features).to(device))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     # compiled views share the parameters; we save and sample with the plain modules, so no "_orig_mod." keys
@@ -275,7 +291,11 @@ if __name__ == "__main__":
     # DDP averages the gradients of all ranks in backward, so every rank takes the same step and the EMA stays
     # identical everywhere. Checkpoints hold the unwrapped model.
     ddp_model = DDP(student, device_ids=[local_rank] if device != "cpu" else None) if ddp else student
-    grid_y = torch.from_numpy(encode_text(GRID_PROMPTS, meta["text_encoder"], device)).to(device)
+    if args.unconditional:  # one band of 6 seeds of the null caption instead of 6 prompts
+        grid_prompts, grid_n, grid_y = ["unconditional"], 6, torch.zeros(1, meta["feature_dim"], device=device)
+    else:
+        grid_prompts, grid_n = GRID_PROMPTS, 1
+        grid_y = torch.from_numpy(encode_text(GRID_PROMPTS, meta["text_encoder"], device)).to(device)
     if meta["vae"] != "none":
         load_vae(meta["vae"], str(grid_y.device))  # a missing VAE fails now, not at the first grid
 
@@ -288,7 +308,8 @@ if __name__ == "__main__":
         print(f"{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), {recipe}: "
               f"{args.max_steps} steps at batch {args.batch}, device {device}"
               + (f" x {world_size} processes" if ddp else "") + (f", resuming at step {start}" if start else ""))
-        print(f"data {args.data_dir}: {meta['num_images']} images {meta['shape']}, {meta['num_captions']} captions")
+        print(f"data {args.data_dir}: {meta['num_images']} images {meta['shape']}, {meta['num_captions']} captions"
+              + (" (unused: --unconditional)" if args.unconditional else ""))
         log, writer, log_rows = open_log(args.out, start)
     level_sum, level_n = torch.zeros(len(LEVELS), device=device), torch.zeros(len(LEVELS), device=device)
     t_start = t_log = time.time()
@@ -305,8 +326,8 @@ if __name__ == "__main__":
                 save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(),
                                  "optimizer": optimizer.state_dict(), "step": step, "rng": rng_states,
                                  "args": vars(args), "meta": meta, "text_encoder": meta["text_encoder"]}, ckpt_path)
-                images = steps_grid(ema, grid_y, GRID_STEPS, meta, model_d=told_step(vars(args)))
-                save_grid(images, GRID_PROMPTS, GRID_STEPS, os.path.join(args.out, f"grid_{step:06d}.png"))
+                images = steps_grid(ema, grid_y, GRID_STEPS, meta, n=grid_n, model_d=told_step(vars(args)))
+                save_grid(images, grid_prompts, GRID_STEPS, os.path.join(args.out, f"grid_{step:06d}.png"))
                 plot_levels(log_rows, os.path.join(args.out, "levels.png"))
             saved = step
         if step == args.max_steps:
