@@ -3,11 +3,17 @@ The GPU's precision path, tested on the CPU. torch.autocast("cpu", dtype=torch.b
 of CUDA's autocast, so `--amp bf16` runs here what train.py and sample.py run on a GPU by default (bf16 forward
 passes; weights, AdamW, the EMA and the Euler updates in fp32). Every objective trains a few steps in bf16 with the
 losses of fp32 within a few percent; a bf16 checkpoint holds only fp32 tensors and resumes bit for bit; 1- and
-4-step samples are within bf16 tolerance of fp32. The slow test compiles (--compile): minutes on a CPU.
+4-step samples are within bf16 tolerance of fp32. The slow tests take minutes on a CPU: --compile, and the dry
+run of .ci/gpu, the one command that checks a GPU machine end to end.
 
     OMP_NUM_THREADS=1 python -m pytest -q test_amp.py              # the default run leaves slow tests out
-    OMP_NUM_THREADS=1 python -m pytest -q test_amp.py -m slow      # torch.compile
+    OMP_NUM_THREADS=1 python -m pytest -q test_amp.py -m slow      # torch.compile, bash .ci/gpu --dry-run
 """
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,3 +138,36 @@ def test_sample_cli_in_bf16(trained, tmp_path, monkeypatch, capsys):
     runpy.run_path("sample.py", run_name="__main__")
     out = capsys.readouterr().out
     assert "wrote" in out and " 4 steps: attribute reader agrees on" in out, out
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager_and_saves_plain_keys(trained, data, tmp_path, monkeypatch):
+    """train.py --compile (student and EMA teacher; ~1 minute to compile on a CPU): the losses of eager mode, and a
+    checkpoint of the plain modules, without torch.compile's "_orig_mod." key prefix."""
+    from torch._dynamo.utils import counters
+    counters.clear()
+    train_here(args(data, tmp_path, *AMP_RUN, "--amp", "fp32", "--compile", steps=4), monkeypatch)
+    assert counters["stats"]["unique_graphs"] >= 2  # it compiled (the student and the teacher)
+    eager, compiled = losses(trained("shortcut", "fp32")), losses(tmp_path)
+    rel = [abs(a - b) / max(abs(a), 1e-3) for a, b in zip(eager, compiled)]
+    print(f"compiled vs eager: max relative difference {max(rel):.2e}")
+    assert len(eager) == len(compiled) and max(rel) < 1e-3, rel  # fused kernels round differently, not more
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert not [k for key in ("model", "ema") for k in ckpt[key] if "_orig_mod." in k]
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"), "cpu")[0] is not None  # sample.py loads it strictly
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_passes_every_stage(tmp_path):
+    """bash .ci/gpu --dry-run: every stage of the GPU check at CPU sizes (about 3 minutes), and gpu.json says so."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run(["bash", os.path.join(here, ".ci", "gpu"), "--dry-run", "--out", str(tmp_path / "check")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.load(open(tmp_path / "check" / "gpu.json"))
+    assert report["passed"] and report["dry_run"]
+    assert [s["stage"] for s in report["stages"]] == ["setup", "data", "pytest", "bench", "resume", "torchrun",
+                                                      "toyfaces", "sample"]
+    assert "train" in report["bench"] and len(report["accuracy"]) == 4  # sample.py's line per step count
+    print(r.stdout)
