@@ -12,6 +12,7 @@ run of .ci/gpu, the one command that checks a GPU machine end to end.
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -22,6 +23,8 @@ from objectives import interval_times, meanflow
 from sample import autocast, load_checkpoint, sample
 from test_bench import inputs, small_dit
 from test_train import args, data, log_losses, train_here  # noqa: F401 (data: the 16 px toyfaces fixture)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 OBJECTIVES = {"flow": ["--objective", "flow"], "shortcut": [],  # shortcut: args()'s own, with its EMA teacher
               "meanflow": ["--objective", "meanflow", "--time-scale", "1"],
@@ -129,20 +132,19 @@ def test_bf16_samples_are_within_bf16_tolerance_of_fp32(steps):
 
 def test_sample_cli_in_bf16(trained, tmp_path, monkeypatch, capsys):
     """sample.py --amp bf16 on a bf16 run's checkpoint: the EMA loads and 1 and 4 steps draw images."""
-    import runpy
     ckpt = trained("shortcut", "bf16") / "ckpt.pt"
     model, _ = load_checkpoint(str(ckpt), "cpu")
     assert all(p.dtype == torch.float32 for p in model.parameters())
     monkeypatch.setattr("sys.argv", ["sample.py", "--ckpt", str(ckpt), "--steps", "1", "4", "--n", "4",
                                      "--amp", "bf16", "--out", str(tmp_path)])
-    runpy.run_path("sample.py", run_name="__main__")
+    runpy.run_path(os.path.join(HERE, "sample.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "wrote" in out and " 4 steps: attribute reader agrees on" in out, out
 
 
 @pytest.mark.slow
 def test_compile_trains_like_eager_and_saves_plain_keys(trained, data, tmp_path, monkeypatch):
-    """train.py --compile (student and EMA teacher; ~1 minute to compile on a CPU): the losses of eager mode, and a
+    """train.py --compile (student and EMA teacher; ~2 minutes to compile on this CPU): the losses of eager mode, and a
     checkpoint of the plain modules, without torch.compile's "_orig_mod." key prefix."""
     from torch._dynamo.utils import counters
     counters.clear()
@@ -161,8 +163,7 @@ def test_compile_trains_like_eager_and_saves_plain_keys(trained, data, tmp_path,
 def test_gpu_check_dry_run_passes_every_stage(tmp_path):
     """bash .ci/gpu --dry-run: every stage of the GPU check at CPU sizes (about 3 minutes), and gpu.json says so."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    here = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run(["bash", os.path.join(here, ".ci", "gpu"), "--dry-run", "--out", str(tmp_path / "check")],
+    r = subprocess.run(["bash", os.path.join(HERE, ".ci", "gpu"), "--dry-run", "--out", str(tmp_path / "check")],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.load(open(tmp_path / "check" / "gpu.json"))
