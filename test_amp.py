@@ -130,6 +130,24 @@ def test_bf16_samples_are_within_bf16_tolerance_of_fp32(steps):
     assert 1e-4 < rel < 2e-2, rel
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: bash .ci/gpu runs it on a GPU machine")
+def test_cuda_bf16_is_the_cpu_bf16_path():
+    """What the CPU tests above stand for: on CUDA, --amp auto is bf16, its forward pass is the CPU's bf16 one within
+    bf16 rounding, and MeanFlow's target is the fp32 one (TF32 matmuls on the GPU)."""
+    model, x = small_dit().eval(), inputs(8)
+    x0, (t, d, n_big) = torch.randn_like(x[0]), interval_times(8, 0.5)
+    with autocast("cpu", "bf16"):
+        cpu = model(*x).float()
+        _, cpu_target = meanflow(model, x0, x[0], x[3], t, d, n_big)
+    model, x, x0, t, d = model.cuda(), [v.cuda() for v in x], x0.cuda(), t.cuda(), d.cuda()
+    with autocast("cuda"):
+        gpu = model(*x)
+        _, gpu_target = meanflow(model, x0, x[0], x[3], t, d, n_big)
+    assert gpu.dtype == torch.bfloat16 and gpu_target.dtype == torch.float32
+    assert ((gpu.float().cpu() - cpu).norm() / cpu.norm()).item() < 2e-2
+    assert ((gpu_target.cpu() - cpu_target).norm() / cpu_target.norm()).item() < 1e-2
+
+
 def test_sample_cli_in_bf16(trained, tmp_path, monkeypatch, capsys):
     """sample.py --amp bf16 on a bf16 run's checkpoint: the EMA loads and 1 and 4 steps draw images."""
     ckpt = trained("shortcut", "bf16") / "ckpt.pt"

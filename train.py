@@ -246,7 +246,7 @@ if __name__ == "__main__":
     if args.batch % world_size:
         parser.error(f"--batch {args.batch} does not split evenly across {world_size} processes")
     rows = slice(rank, None, world_size)  # this rank's rows of every global batch
-    ctx = autocast(device, args.amp)  # bf16 autocast on CUDA; fp32 on a CPU, where bf16 matmuls are very slow
+    ctx = autocast(device, args.amp)  # --amp auto: bf16 autocast on CUDA; fp32 on a CPU, where bf16 is very slow
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)  # the same seed on every rank: each draws the whole global batch, keeps its rows
     rng = np.random.default_rng(args.seed)
