@@ -121,12 +121,14 @@ def meanflow(model, x0, x1, y, t, d, n_big, tangent="v"):
     # 2. Flow rows (d = 0): s_target = v.
     s_target = v.clone()
     # 3. Intervals: the JVP of the online model, without gradient. Fused CPU attention has no forward-mode
-    #    derivative; the MATH backend (plain softmax) has.
+    #    derivative; the MATH backend (plain softmax) has. And in fp32 under any --amp (TF32 on a GPU): bf16 JVPs
+    #    are where PyTorch MeanFlow ports report NaN losses late in training, the JVP runs on the interval rows
+    #    only (1/4 at --flow-fraction 0.75), and the target is then the same in bf16 and fp32 runs (test_amp.py).
     if n_big == 0:
         return x_t, s_target
     xi, ti, di, yi, vi = x_t[:n_big], t[:n_big], d[:n_big], y[:n_big], v[:n_big]
     ones = torch.ones_like(ti)
-    with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+    with sdpa_kernel(SDPBackend.MATH), torch.autocast(xi.device.type, enabled=False), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated")  # said by torch.func itself
         dx = model(xi, ti, torch.zeros_like(di), yi) if tangent == "model" else vi
         _, ds_dt = torch.func.jvp(lambda x, tt, dd: model(x, tt, dd, yi), (xi, ti, di), (dx, ones, -ones))

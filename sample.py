@@ -82,11 +82,17 @@ def load_checkpoint(path, device, weights="ema"):
     return model.eval(), ckpt
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (tensor cores; weights and Euler updates stay fp32); fp32 on CPU, where bf16
-    matmuls are slow."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+AMP = ["auto", "bf16", "fp32"]  # --amp of train.py and sample.py
+
+
+def autocast(device, amp="auto"):
+    """The precision of the model's forward passes: bf16 autocast (tensor cores; weights, optimizer, EMA and Euler
+    updates stay fp32) or plain fp32. "auto": bf16 on CUDA, fp32 on a CPU, where bf16 matmuls are slow (hundreds of
+    times on one without AMX). A CPU's bf16 autocast applies CUDA's casting rules, so --amp bf16 on a CPU runs the
+    GPU's dtype path (test_amp.py)."""
+    device_type = torch.device(device).type
+    if amp == "bf16" or (amp == "auto" and device_type == "cuda"):
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -213,6 +219,7 @@ def parse_args(argv=None):
     parser.add_argument("--weights", choices=["ema", "online"], default="ema",
                         help="the EMA (ours, DiT's) or the online weights (the official evaluation's)")
     parser.add_argument("--out", default="samples", help="directory for the PNG")
+    parser.add_argument("--amp", choices=AMP, default="auto", help="auto: bf16 autocast on CUDA, fp32 on a CPU")
     one_line_errors(parser)
     args = parser.parse_args(argv)
     if any(not p.strip() for p in args.prompt or []):
@@ -240,7 +247,7 @@ if __name__ == "__main__":
         y = torch.from_numpy(encode_text(prompts, meta["text_encoder"], device)).to(device)  # (P, D)
     if meta["vae"] != "none":
         load_vae(meta["vae"], str(y.device))  # a missing VAE fails now, not after sampling
-    with autocast(device):
+    with autocast(device, args.amp):
         images = steps_grid(model, y, args.steps, meta, n=args.n, seed=args.seed, cfg_scale=args.cfg,
                             model_d=told_step(ckpt["args"]))
 

@@ -38,7 +38,7 @@ from model import DiT, DiT_models
 from objectives import (ADAPTIVE, OBJECTIVES, X_FLOOR, adaptive_weighted, alpha_flow, alpha_schedule, flow_matching,
                         interval_times, meanflow, shortcut, shortcut_times)
 from prepare_data import encode_text, load_data, load_vae
-from sample import autocast, one_line_errors, read_checkpoint, save_grid, save_plot, steps_grid, told_step
+from sample import AMP, autocast, one_line_errors, read_checkpoint, save_grid, save_plot, steps_grid, told_step
 
 RECIPES = {  # what `python train.py` trains, by the data set it finds; any flag given on the command line wins
     "paper": dict(model="DiT-B/2", batch=64, lr=1e-4, lr_schedule="constant", ema_decay=0.999, bootstrap_every=8,
@@ -132,6 +132,7 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue --out/ckpt.pt where it stopped")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model and its EMA teacher")
+    parser.add_argument("--amp", choices=AMP, default="auto", help="auto: bf16 autocast on CUDA, fp32 on a CPU")
     one_line_errors(parser)
     args = parser.parse_args()
     if args.data_dir is None:
@@ -263,7 +264,7 @@ if __name__ == "__main__":
     if args.batch % world_size:
         parser.error(f"--batch {args.batch} does not split evenly across {world_size} processes")
     rows = slice(rank, None, world_size)  # this rank's rows of every global batch
-    ctx = autocast(device)  # bf16 autocast on CUDA; fp32 on a CPU, where bf16 matmuls are very slow
+    ctx = autocast(device, args.amp)  # --amp auto: bf16 autocast on CUDA; fp32 on a CPU, where bf16 is very slow
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)  # the same seed on every rank: each draws the whole global batch, keeps its rows
     rng = np.random.default_rng(args.seed)
