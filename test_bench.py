@@ -109,13 +109,15 @@ def test_bench_quick_run_prints_and_writes_every_figure(tmp_path, capsys):
     out = capsys.readouterr().out
     r = json.loads(path.read_text())
     assert r["preset"] == "tiny" and r["config"]["latent_shape"] == [4, 16, 16] and r["torch"] == torch.__version__
-    keys = ["flops", "train", "train_meanflow", "train_baseline", "sample_1step_batch1", "sample_4step_batch1", "sample_1step_batch8",
-            "sample_4step_batch8", "inception", "frechet", "frechet_baseline"]
+    keys = ["flops", "train", "train_flow", "train_meanflow", "train_alphaflow", "train_baseline",
+            "sample_1step_batch1", "sample_4step_batch1", "sample_1step_batch8", "sample_4step_batch8", "inception",
+            "frechet", "frechet_baseline"]
     for key in keys:
         assert key in r and f"\n{key} " in "\n" + out, key  # one printed line per figure
     for key in keys[1:-2]:
         assert r[key]["img_per_s"] > 0
-    assert r["train_baseline"]["speedup"] > 0 and r["train_meanflow"]["vs_shortcut"] > 0
+    assert r["train_baseline"]["speedup"] > 0
+    assert all(r[f"train_{o}"]["vs_shortcut"] > 0 for o in ("flow", "meanflow", "alphaflow"))
     assert abs(r["flops"]["train_step_gflops"] / r["flops"]["forward_gflops"] - 3.25) < 1e-9  # 3 + 2/8 at batch 8
     s = r["sample_4step_batch8"]
     assert abs(s["dit_ms"] + s["vae_ms"] - s["latency_ms"]) < 1e-6 and 0 < s["vae_share"] < 1
