@@ -44,8 +44,8 @@ RECIPES = {  # what `python train.py` trains, by the data set it finds; any flag
     "paper": dict(model="DiT-B/2", batch=64, lr=1e-4, lr_schedule="constant", ema_decay=0.999, bootstrap_every=8,
                   predict="v", objective="shortcut", flow_fraction=0.75, time_scale=1000.0, max_steps=410_000,
                   sample_every=5000),
-    # A 2-core CPU budget (docs/experiments.md): MeanFlow, at least as good as every other objective at 1, 2, 4 and
-    # 128 steps; its derivatives need t and d embedded x1 (time_scale). 3,500 steps need an lr 30x the paper's that
+    # A 2-core CPU budget (docs/experiments.md): MeanFlow, the best objective at 1 step and within 2 points of the
+    # best at 2, 4 and 128; its derivatives need t and d embedded x1 (time_scale). 3,500 steps need an lr 30x the paper's that
     # decays to zero, a short EMA (0.999 averages weights from before the decay) and a network that draws the clean
     # image (predict x), so 1-step samples carry no grain. bootstrap_every is for --objective shortcut.
     "toyfaces": dict(model="DiT-T/4", batch=64, lr=3e-3, lr_schedule="cosine", ema_decay=0.99, bootstrap_every=4,
