@@ -251,6 +251,7 @@ BAD = {
                                       "--d-embedding level needs d > 0: not with --objective meanflow"),
     "flow fraction above 1": (lambda data, tmp: ["--objective", "meanflow", "--flow-fraction", "1.5"],
                               "need 0 <= --flow-fraction <= 1 and --time-scale > 0, got 1.5 and 1000"),
+    "x floor of zero": (lambda data, tmp: ["--x-floor", "0"], "need 0 < --x-floor <= 1, got 0.0"),
     "--resume other data shape": (other_resolution, "--time-scale 1000 on [3, 16, 16] data with 64-dim text "
                                                     "features, this run is DiT-T/4 --objective shortcut --predict v "
                                                     "--x-floor 0.25 --time-scale 1000 on [3, 8, 8] with 64-dim"),

@@ -255,6 +255,8 @@ if __name__ == "__main__":
         args.x_floor = X_FLOOR[args.objective]
     if not (0 <= args.flow_fraction <= 1 and args.time_scale > 0):
         parser.error(f"need 0 <= --flow-fraction <= 1 and --time-scale > 0, got {args.flow_fraction} and {args.time_scale}")
+    if not 0 < args.x_floor <= 1:  # v = (x1_hat - x_t) / max(1 - t, floor): a floor of 0 divides by zero at t = 1
+        parser.error(f"need 0 < --x-floor <= 1, got {args.x_floor}")
     if args.d_embedding == "level" and args.objective in ADAPTIVE:
         parser.error(f"--d-embedding level needs d > 0: not with --objective {args.objective}, whose flow rows have d = 0")
     if args.batch > meta["num_images"]:
