@@ -164,7 +164,27 @@ def alpha_schedule(progress, alpha_min=0.02):
     return max(1 / (1 + math.exp(25 * (progress - 0.5))), alpha_min)  # 1 - sigmoid(25 (progress - 1/2))
 
 
-def adaptive_weighted(row_loss):
-    """MeanFlow's adaptive weight sg(1 / (mse + 1e-3)) per row (p = 1): each row's loss is ~1, so the rows with
-    large, noisy JVP targets cannot drown the others. mse is the mean over pixels, so 1e-3 is an error floor."""
-    return row_loss / (row_loss.detach() + 1e-3)
+@torch.no_grad()
+def long_jump(teacher, x0, y, steps=4):
+    """The long jump learns from the model's own few-step sampler (TwinFlow's "e2e" rows): rows at t = 0, d = 1
+    from pure noise x0, whose target is where the teacher's K-step Euler sample from the same x0 and caption lands,
+
+        s_target = sg(Phi_K(x0, y)) - x0,    Phi_K: K steps x <- x + (1/K) s(x, k/K, 1/K, y),  k = 0 ... K-1.
+
+    The other objectives build the d = 1 target from one random data point x1: right on average over x1, but a
+    small network regressing onto it settles between the modes (half a beard). Phi_K is one decided image per
+    noise, so there is nothing to average. teacher: the EMA model. -> s_target of these rows (x_t = x0 at t = 0)."""
+    # 1. The rows: t = 0 (x_t is the noise itself) and d = 1, one step from noise to data.
+    # 2. The teacher's K small steps from the same noise and caption, without gradient.
+    x, d = x0, torch.full((x0.shape[0],), 1 / steps, device=x0.device)
+    for k in range(steps):
+        x = x + d.view(-1, 1, 1, 1) * teacher(x, k * d, d, y)
+    # 3. The one step of d = 1 that lands where the K steps did.
+    return x - x0
+
+
+def adaptive_weighted(row_loss, p=1.0):
+    """MeanFlow's adaptive weight sg(1 / (mse + 1e-3)^p) per row: at p = 1 each row's loss is ~1, so the rows with
+    large, noisy JVP targets cannot drown the others; p < 1 lets a row with a larger error pull harder. mse is the
+    mean over pixels, so 1e-3 is an error floor. p: a number or one per row."""
+    return row_loss / (row_loss.detach() + 1e-3) ** p

@@ -238,3 +238,27 @@ def test_math_attention_equals_fused():
         math_ = F.scaled_dot_product_attention(q, k, v)
     plain = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(32), dim=-1) @ v
     assert (fused - math_).abs().max() < 1e-5 and (fused - plain).abs().max() < 1e-5
+
+
+def test_long_jump_target_is_the_teachers_k_step_sample_without_gradient():
+    """An analytic teacher s(x, t, d, y) = a x + t + y: the target is Phi_K(x0) - x0 of its K Euler steps, holds
+    no graph, and the rows a rank keeps (train.jumping_rows) are the last rows of the global batch."""
+    from objectives import long_jump
+    from train import jumping_rows
+    a = torch.tensor(0.3, requires_grad=True)
+    teacher = lambda x, t, d, y: a * x + t.view(-1, 1, 1, 1) + y.view(-1, 1, 1, 1)
+    x0, y = torch.randn(5, 3, 4, 4), torch.randn(5)
+    for K in (2, 4):
+        x = x0.clone()
+        for k in range(K):
+            x = x + (a.detach() * x + k / K + y.view(-1, 1, 1, 1)) / K
+        target = long_jump(teacher, x0, y, K)
+        assert target.grad_fn is None
+        torch.testing.assert_close(target, x - x0)
+    args = argparse.Namespace(long_jump_rows=3, long_jump_start=0.5, max_steps=10)
+    assert not jumping_rows(args, 8, step=4).any()
+    one = jumping_rows(args, 8, step=5)
+    assert one.tolist() == [False] * 5 + [True] * 3
+    for world_size in (2, 4):
+        parts = [jumping_rows(args, 8, 5, rank, world_size) for rank in range(world_size)]
+        assert all((one[rank::world_size] == p).all() for rank, p in enumerate(parts))

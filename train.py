@@ -35,28 +35,33 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import DiT, DiT_models
+import toyfaces
 from objectives import (ADAPTIVE, OBJECTIVES, X_FLOOR, adaptive_weighted, alpha_flow, alpha_schedule, flow_matching,
-                        interval_times, meanflow, shortcut, shortcut_times)
+                        interval_times, long_jump, meanflow, shortcut, shortcut_times)
 from prepare_data import encode_text, load_data, load_vae
 from sample import AMP, autocast, one_line_errors, read_checkpoint, save_grid, save_plot, steps_grid, told_step
 
 RECIPES = {  # what `python train.py` trains, by the data set it finds; any flag given on the command line wins
     "paper": dict(model="DiT-B/2", batch=64, lr=1e-4, lr_schedule="constant", ema_decay=0.999, bootstrap_every=8,
-                  predict="v", objective="shortcut", flow_fraction=0.75, time_scale=1000.0, max_steps=410_000,
+                  predict="v", objective="shortcut", flow_fraction=0.75, time_scale=1000.0, long_jump_rows=0,
+                  max_steps=410_000,
                   sample_every=5000),
     # A 2-core CPU budget (docs/experiments.md): MeanFlow, the best objective at 1 step and within 2 points of the
     # best at 2, 4 and 128; its derivatives need t and d embedded x1 (time_scale). 3,500 steps need an lr 30x the paper's that
     # decays to zero, a short EMA (0.999 averages weights from before the decay) and a network that draws the clean
     # image (predict x), so 1-step samples carry no grain. bootstrap_every is for --objective shortcut.
     "toyfaces": dict(model="DiT-T/4", batch=64, lr=3e-3, lr_schedule="cosine", ema_decay=0.99, bootstrap_every=4,
-                     predict="x", objective="meanflow", flow_fraction=0.75, time_scale=1.0, max_steps=3500,
+                     predict="x", objective="meanflow", flow_fraction=0.75, time_scale=1.0, long_jump_rows=0,
+                     max_steps=3500,
                      sample_every=500),
 }
 GRID_PROMPTS = ["a man with glasses", "a smiling woman with red hair", "a woman with blond hair",
                 "a bearded man with black hair", "a person with brown hair and glasses", "a smiling man"]
 GRID_STEPS = [1, 2, 4, 128]
 LEVELS = [f"1/{2 ** k}" if k else "1" for k in range(8)]  # the step sizes d = 1, 1/2 ... 1/128 (flow rows)
-LOG_HEADER = ["step", "loss", "img_per_s", "elapsed_s"] + [f"loss_d{d}" for d in LEVELS]
+QUALITY_STEPS = [1, 2, 4]  # toyfaces: the reader's accuracy at these step counts at every checkpoint
+LOG_HEADER = (["step", "loss", "img_per_s", "elapsed_s"] + [f"loss_d{d}" for d in LEVELS]
+              + [f"accuracy_{s}step" for s in QUALITY_STEPS])
 
 
 def draw_rows(args, B, shape, rank=0, world_size=1, device="cpu"):
@@ -83,6 +88,23 @@ def targets(args, model, teacher, x0, x1, y, t, d, n_big, progress):
     if args.objective == "meanflow":
         return meanflow(model, x0, x1, y, t, d, n_big, args.tangent)
     return alpha_flow(model, x0, x1, y, t, d, n_big, alpha_schedule(progress))
+
+
+def jumping_rows(args, B, step, rank=0, world_size=1, device="cpu"):
+    """Which of this rank's rows are long jumps (objectives.long_jump): the last --long-jump-rows of the global
+    batch, from step --long-jump-start x max_steps on (before that the teacher's few-step samples are no better
+    than noise). -> a bool mask over this rank's rows."""
+    on = step >= args.long_jump_start * args.max_steps
+    return torch.arange(B, device=device)[rank::world_size] >= B - args.long_jump_rows * on
+
+
+def quality(ema, y, meta, model_d, n=32):
+    """toyfaces: the fraction of samples the attribute reader finds showing their prompt, at QUALITY_STEPS steps,
+    on a fixed set of noises (n seeds of each grid prompt), so checkpoints and runs compare by looking."""
+    images = steps_grid(ema, y, QUALITY_STEPS, meta, n=n, seed=1234, model_d=model_d)    # (P, n, S, 3, H, W)
+    pixels = (images * 255).round().byte().permute(0, 1, 2, 4, 5, 3).cpu().numpy()
+    return [np.mean([toyfaces.shows(r, prompt) for p, prompt in enumerate(GRID_PROMPTS)
+                     for r in toyfaces.read_attributes(pixels[p, :, s])]) for s in range(len(QUALITY_STEPS))]
 
 
 def level_of(d):
@@ -121,6 +143,12 @@ def parse_args():
     parser.add_argument("--time-scale", type=float, help="t and d x this before their embedding (1000 or 1)")
     parser.add_argument("--d-embedding", choices=["value", "level"], default="value",
                         help="d enters its embedding as its value x --time-scale (ours) or its level log2(1/d) (official)")
+    parser.add_argument("--long-jump-rows", type=int,
+                        help="rows per batch at t = 0, d = 1 that learn the EMA's --long-jump-steps sample (0 = none)")
+    parser.add_argument("--long-jump-steps", type=positive_int, default=4, help="K, the teacher's steps for a long jump")
+    parser.add_argument("--long-jump-start", type=float, default=0.3, help="long jumps from this fraction of max-steps")
+    parser.add_argument("--long-jump-power", type=float, default=1.0,
+                        help="meanflow, alphaflow: the adaptive weight's power p on the long-jump rows")
     parser.add_argument("--bootstrap-every", type=int, help="1/N of each batch is self-consistency; 0 = flow matching")
     parser.add_argument("--denoise-steps", type=int, default=128, help="smallest step 1/M; sampling allows up to M steps")
     parser.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of captions replaced by the null one")
@@ -247,6 +275,15 @@ def plot_levels(rows, path):
             f"d = {d}": columns[4 + k] for k, d in enumerate(LEVELS)}}, log_y=True)
 
 
+def plot_quality(rows, path):
+    """quality.png (toyfaces): the reader's accuracy at 1, 2 and 4 steps vs minutes of training."""
+    rows = [row for row in rows if row[-1]]
+    if rows:
+        columns = np.array([[float(v or "nan") for v in row] for row in rows]).T
+        save_plot(path, columns[3] / 60, {"reader accuracy on fixed noises vs minutes of training": {
+            f"{s} step{'s' * (s > 1)}": columns[-len(QUALITY_STEPS) + k] for k, s in enumerate(QUALITY_STEPS)}})
+
+
 if __name__ == "__main__":
     parser, args = parse_args()
     meta, x1_all, features, caption_image = load_data(args.data_dir)
@@ -259,6 +296,8 @@ if __name__ == "__main__":
         parser.error(f"need 0 < --x-floor <= 1, got {args.x_floor}")
     if args.d_embedding == "level" and args.objective in ADAPTIVE:
         parser.error(f"--d-embedding level needs d > 0: not with --objective {args.objective}, whose flow rows have d = 0")
+    if not 0 <= args.long_jump_rows < args.batch:
+        parser.error(f"need 0 <= --long-jump-rows < --batch, got {args.long_jump_rows}")
     if args.batch > meta["num_images"]:
         parser.error(f"--batch {args.batch} is larger than the data set ({meta['num_images']} images in {args.data_dir})")
     ddp, rank, world_size, local_rank, device = setup_ddp()
@@ -316,6 +355,7 @@ if __name__ == "__main__":
         log, writer, log_rows = open_log(args.out, start)
     level_sum, level_n = torch.zeros(len(LEVELS), device=device), torch.zeros(len(LEVELS), device=device)
     t_start = t_log = time.time()
+    logged = start  # the step of the last log line
     saved = start  # the step of the checkpoint on disk (0: none yet)
     bar = tqdm(range(start, args.max_steps + 1), initial=start, total=args.max_steps + 1, desc="train",
                dynamic_ncols=True, disable=not master)
@@ -332,6 +372,7 @@ if __name__ == "__main__":
                 images = steps_grid(ema, grid_y, GRID_STEPS, meta, n=grid_n, model_d=told_step(vars(args)))
                 save_grid(images, grid_prompts, GRID_STEPS, os.path.join(args.out, f"grid_{step:06d}.png"))
                 plot_levels(log_rows, os.path.join(args.out, "levels.png"))
+                plot_quality(log_rows, os.path.join(args.out, "quality.png"))
             saved = step
         if step == args.max_steps:
             break
@@ -344,11 +385,16 @@ if __name__ == "__main__":
         keep = (torch.rand(args.batch, 1, device=device)[rows] >= args.cfg_dropout).float()
         y = y * keep  # caption dropout: zero rows are the null caption (classifier-free guidance)
         x0, t, d, n_big = draw_rows(args, args.batch, x1.shape[1:], rank, world_size, device)
+        jump = jumping_rows(args, args.batch, step, rank, world_size, device)  # flow rows turned into long jumps
+        t, d = t.masked_fill(jump, 0), d.masked_fill(jump, 1)
         with ctx:
             x_t, s_target = targets(args, model, teacher, x0, x1, y, t, d, n_big, step / args.max_steps)
+            if jump.any():
+                s_target[jump] = long_jump(teacher, x0[jump], y[jump], args.long_jump_steps)
             s = ddp_model(x_t, t, d, y)
         row_loss = F.mse_loss(s.float(), s_target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        loss = (adaptive_weighted(row_loss) if args.objective in ADAPTIVE else row_loss).mean()
+        p = torch.where(jump, args.long_jump_power, 1.0)  # the adaptive weight's power, row by row
+        loss = (adaptive_weighted(row_loss, p) if args.objective in ADAPTIVE else row_loss).mean()
 
         # NaN guard: a non-finite loss stops us before it reaches the weights, the EMA or a checkpoint. With DDP
         # the check is on the sum over ranks, so all stop at the same step. A CPU-GPU sync, cheap next to a step.
@@ -369,17 +415,21 @@ if __name__ == "__main__":
         level = level_of(d)
         level_sum.index_add_(0, level, row_loss.detach())
         level_n.index_add_(0, level, torch.ones_like(row_loss))
-        if master and (step + 1) % args.log_every == 0:
+        checkpoint_next = (step + 1) % args.sample_every == 0 or step + 1 == args.max_steps
+        if master and ((step + 1) % args.log_every == 0 or checkpoint_next):
             now = time.time()
-            img_s = args.log_every * args.batch / (now - t_log)  # all ranks together
+            img_s = (step + 1 - logged) * args.batch / (now - t_log)  # all ranks together
             means, counts = (level_sum / level_n.clamp(min=1)).tolist(), level_n.tolist()
             levels = [f"{x:.5f}" if n else "" for x, n in zip(means, counts)]  # "": no row of that level
-            log_rows.append([step + 1, f"{loss.item():.5f}", f"{img_s:.1f}", f"{now - t_start:.1f}", *levels])
+            acc = [""] * len(QUALITY_STEPS)
+            if checkpoint_next and meta["dataset"] == "toyfaces" and not args.unconditional:
+                acc = [f"{a:.4f}" for a in quality(ema, grid_y, meta, told_step(vars(args)))]
+            log_rows.append([step + 1, f"{loss.item():.5f}", f"{img_s:.1f}", f"{now - t_start:.1f}", *levels, *acc])
             writer.writerow(log_rows[-1])
             log.flush()
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_s:.0f}")
             level_sum.zero_(), level_n.zero_()
-            t_log = now
+            t_log, logged = time.time(), step + 1  # the quality check's time is not training's
     if master:
         log.close()
         print(f"done: {args.max_steps - start} steps in {(time.time() - t_start) / 60:.1f} min, checkpoint {ckpt_path}")
