@@ -9,14 +9,14 @@ Benchmark: training throughput and MFU, few-step sampling with VAE decode, Incep
 
 Prints one line per figure and writes them all to --out as JSON, with the device, torch version and date.
 Weights and data are random (the time does not depend on them) and of the real shapes: the DiT of model.py, the
-SD-VAE architecture from its config (stabilityai/sd-vae-ft-mse), the FID Inception of fid.py. The training step
-is train.py's (objectives.shortcut, the model in bf16 autocast on CUDA, AdamW, EMA) on cached latents already on the
+SD-VAE architecture from its config (stabilityai/sd-vae-ft-mse), the FID Inception of inception.py. The training step
+is train.py's (objectives.training_loss, the model in bf16 autocast on CUDA, AdamW, EMA) on cached latents already on the
 device (train.py copies each batch from pinned memory while the GPU works). Timings are the steady state after
 warm-up (torch.compile, cuDNN autotuning and the allocator settle in the first calls).
 
 --baseline repeats the training step the naive way, as the public reimplementations do: fp32 without TF32, no
 compile, attention as explicit matmuls + softmax, a for-loop AdamW, and the images encoded by the VAE at every
-step instead of cached latents; and the Frechet distance with scipy's sqrtm instead of fid.py's eigh route.
+step instead of cached latents; and the Frechet distance with scipy's sqrtm instead of inception.py's eigh route.
 """
 
 import argparse
@@ -30,15 +30,14 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fid import FIDInceptionV3, compute_stats, frechet_distance, inception_features
-from model import DiT, DiT_models
-from sample import autocast, sample, to_images
-from objectives import ADAPTIVE, adaptive_weighted
-from train import draw_rows, targets
+from data import to_images
+from inception import FIDInceptionV3, compute_stats, frechet_distance, inception_features
+from model import DiT, DiT_models, autocast
+from objectives import SETTINGS, training_loss
+from sample import sample
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)  # stabilityai/sd-vae-ft-mse's config
 LATENT_SCALE = 0.18215
@@ -50,8 +49,7 @@ PRESETS = {
     # the same code paths small enough for a CPU: 64 px images, a 3-level VAE -> 16x16x4 latents, 64 tokens
     "tiny": dict(model="DiT-T/2", image_size=64, vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1),
                  feature_dim=64, batch=64, bootstrap_every=8, predict="v"),
-    # the CPU quickstart's training step: toyfaces are 32 px pixels (no VAE), DiT-T/4, batch 64, --bootstrap-every 4,
-    # --predict x
+    # the CPU quickstart's model: toyfaces are 32 px pixels (no VAE), DiT-T/4, batch 64, --predict x
     "toyfaces": dict(model="DiT-T/4", image_size=32, vae=None, feature_dim=64, batch=64, bootstrap_every=4,
                      predict="x"),
 }
@@ -111,24 +109,18 @@ def plain_mode():
 # the work being timed
 
 def make_train_step(model, optimizer, bootstrap_every, ctx, compile=False, ema_decay=0.999, objective="shortcut"):
-    """train.py's training step (without caption dropout, logging and checkpoints) as a function (x1, y) -> loss.
-    The teacher's two half steps are sequential (the second starts where the first ends), so each is already one
-    batched call over all bootstrap rows and levels, without gradient, in the same autocast as the student.
-    objective="meanflow": one JVP of the online model on the interval rows instead, and the adaptive weight."""
+    """train.py's training step as a function (x1, y) -> loss: objectives.training_loss, the very function train.py's
+    loop calls, then backward, AdamW and the EMA (without caption dropout, logging and checkpoints)."""
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     student, teacher = (torch.compile(model), torch.compile(ema)) if compile else (model, ema)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-
-    args = argparse.Namespace(objective=objective, bootstrap_every=bootstrap_every, denoise_steps=128,
-                              flow_fraction=0.75, intervals="uniform", tangent="v")
+    cfg = argparse.Namespace(objective=objective, **{**SETTINGS[objective], "bootstrap_every": bootstrap_every},
+                             denoise_steps=128, intervals="uniform", tangent="v", long_jump_rows=0, long_jump_steps=4,
+                             long_jump_start=0.3, long_jump_power=1.0)  # train.py's defaults
 
     def step(x1, y):
-        x0, t, d, n_big = draw_rows(args, x1.shape[0], x1.shape[1:], device=x1.device)
         with ctx:
-            x_t, s_target = targets(args, model, teacher, x0, x1, y, t, d, n_big, progress=0.5)
-            s = student(x_t, t, d, y)
-        row_loss = F.mse_loss(s.float(), s_target.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = (adaptive_weighted(row_loss) if objective in ADAPTIVE else row_loss).mean()
+            loss = training_loss(cfg, student, model, teacher, x1, y, progress=0.5)[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -186,7 +178,7 @@ def bench_sampling(model, meta, shape, feature_dim, steps, batch, device, iters,
 
 
 def bench_frechet(dim, method):
-    """-> (seconds, value) of fid.frechet_distance between two random full-rank dim-d Gaussians."""
+    """-> (seconds, value) of inception.frechet_distance between two random full-rank dim-d Gaussians."""
     rng = np.random.default_rng(0)
     stats = [compute_stats(rng.standard_normal((2 * dim, dim)) * rng.uniform(0.5, 2, dim)) for _ in range(2)]
     start = time.perf_counter()
@@ -270,7 +262,7 @@ def main(argv=None):
     if args.flops_only:
         return results
 
-    # --- the VAE: random weights saved to a temporary directory, so sampling decodes through sample.to_images
+    # --- the VAE: random weights saved to a temporary directory, so sampling decodes through data.to_images
     tmp = tempfile.TemporaryDirectory()
     vae, meta = None, {"vae": "none", "latent_scale": LATENT_SCALE}
     if vae_cfg is not None:
@@ -328,7 +320,7 @@ def main(argv=None):
                        img_per_s=batch / total, latency_ms=total * 1e3, dit_ms=t_dit * 1e3, vae_ms=t_vae * 1e3,
                        vae_share=t_vae / total, tflops=tflops)
 
-    # --- Inception features (fid.py's network and preprocessing, in fp32 as fid.py runs it)
+    # --- Inception features (inception.py's network and preprocessing, in fp32 as fid.py runs it)
     inception = FIDInceptionV3().eval().requires_grad_(False).to(device)
     batch = B if device == "cuda" else 2 if args.quick else 4
     images = torch.rand(batch, 3, S, S, device=device)

@@ -21,8 +21,8 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def inception_file(tmp_path_factory):
     """A random-weight FID Inception saved like pytorch-fid's file (the statistics mean nothing, the plumbing does)."""
-    import fid
+    import inception
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("inception") / "inception.pth"
-    torch.save(fid.FIDInceptionV3().state_dict(), path)
+    torch.save(inception.FIDInceptionV3().state_dict(), path)
     return str(path)

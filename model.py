@@ -7,8 +7,8 @@ embedders (t, d, text) -> DiTBlock (adaLN-Zero) -> FinalLayer -> DiT -> sin-cos 
     python model.py            # shape smoke test: builds every preset, prints parameter counts
 
 Conventions (as in the paper and the official code): t = 0 is pure noise x0, t = 1 is data x1,
-the model returns the velocity v = x1 - x0, and d is the size of the step the caller will take with it
-(d = 1/128 is the flow-matching level, d = 1 the one-step jump). Its last layer predicts v itself (the paper) or,
+the model returns the velocity v = x1 - x0, and d in [0, 1] is the size of the step the caller will take with it
+(d = 1 the one-step jump; flow matching is d -> 0: the shortcut objective's smallest level 1/128, MeanFlow's d = 0). Its last layer predicts v itself (the paper) or,
 with predict="x", the clean image x1, from which v follows (see DiT.forward).
 
 Where this differs from the official code (kvfrans/shortcut-models, JAX; README "Ours vs official"):
@@ -22,7 +22,9 @@ Where this differs from the official code (kvfrans/shortcut-models, JAX; README 
           is the official CelebA-HQ run (class_dropout_prob 1, num_classes 1: the label is always the null class).
 """
 
+import contextlib
 import math
+import os
 
 import numpy as np
 import torch
@@ -150,7 +152,7 @@ class DiT(nn.Module):
         assert predict in ("v", "x") and d_embedding in ("value", "level"), (predict, d_embedding)
         self.input_size, self.in_channels, self.feature_dim = input_size, in_channels, feature_dim
         self.predict = predict  # what the last layer outputs: the velocity (the paper, official) or the clean image x1
-        self.x_floor = x_floor  # predict="x": the floor on 1 - t, set by the objective (objectives.X_FLOOR)
+        self.x_floor = x_floor  # predict="x": the floor on 1 - t, set by the objective (objectives.SETTINGS)
         self.patch_size, self.num_heads = patch_size, num_heads
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         # time_scale multiplies t and d before the sinusoids: 1000 (ours, DiT's) or 1 (the official code's t; needed
@@ -268,6 +270,56 @@ DiT_models = {
     "DiT-S/2": _size(384, 12, 6, 2), "DiT-S/4": _size(384, 12, 6, 4),
     "DiT-T/2": _size(128, 4, 4, 2), "DiT-T/4": _size(128, 4, 4, 4),
 }
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints (train.py writes them) and the precision of the forward passes
+
+def read_checkpoint(path, device):
+    """The checkpoint dict of train.py, loaded with weights_only=True: tensors, dicts, lists, strings and numbers
+    only, never pickled code. A missing, truncated or foreign file is one clear line (SystemExit)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path} not found: train one first with `python train.py`")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot load checkpoint {path}: {str(e).splitlines()[0]}")
+
+
+def load_checkpoint(path, device, weights="ema"):
+    """Returns (model in eval mode, checkpoint dict). weights="ema": the EMA weights (DiT's habit and ours);
+    "online": the weights the optimiser trained, which the official code samples and evaluates with (use_ema=0).
+    Any problem is one clear line (SystemExit)."""
+    ckpt = read_checkpoint(path, device)
+    try:
+        meta, args = ckpt["meta"], ckpt["args"]
+        model = DiT(**DiT_models[args["model"]], input_size=meta["shape"][1], in_channels=meta["shape"][0],
+                    feature_dim=meta["feature_dim"], predict=args.get("predict", "v"),
+                    time_scale=args.get("time_scale", 1000.0), x_floor=args.get("x_floor", 0.25),
+                    d_embedding=args.get("d_embedding", "value")).to(device)
+        model.load_state_dict(ckpt[{"ema": "ema", "online": "model"}[weights]])
+    except Exception as e:  # missing keys, shape mismatch ...
+        raise SystemExit(f"error: cannot load checkpoint {path}: {str(e).splitlines()[0]}")
+    return model.eval(), ckpt
+
+
+AMP = ["auto", "bf16", "fp32"]  # --amp of train.py and sample.py
+
+
+def autocast(device, amp="auto"):
+    """The precision of the model's forward passes: bf16 autocast (tensor cores; weights, optimizer, EMA and Euler
+    updates stay fp32) or plain fp32. "auto": bf16 on CUDA, fp32 on a CPU, where bf16 matmuls are slow (hundreds of
+    times on one without AMX). A CPU's bf16 autocast applies CUDA's casting rules, so --amp bf16 on a CPU runs the
+    GPU's dtype path (test_amp.py)."""
+    device_type = torch.device(device).type
+    if amp == "bf16" or (amp == "auto" and device_type == "cuda"):
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def is_unconditional(ckpt):
+    """A model trained with train.py --unconditional: every row had the null caption (the paper's CelebA-HQ run)."""
+    return ckpt["args"].get("unconditional", False)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ target of a row with a big step d:
     shortcut        s_target = 1/2 s(x_t, t, d/2) + 1/2 s(x_t + d/2 s(x_t, t, d/2), t + d/2, d/2)
     MeanFlow        s_target = v + d (ds/dx v + ds/dt - ds/dd)                    (one forward-mode JVP)
     alpha-Flow      s_target = alpha v + (1 - alpha) s(x_t + alpha d v, t + alpha d, (1 - alpha) d)
+    + long jumps    s_target = sg(Phi_K(x0)) - x0 on a few rows at t = 0, d = 1     (the model's own K-step sample)
 
-Each function below returns (x_t, s_target) for rows whose noise x0, time t and step d were drawn already
-(shortcut_times, interval_times), the big-step rows first; train.py regresses s(x_t, t, d, y) onto s_target. No
-target carries a gradient: the model teaches itself only through the loss. Drawing the rows outside the targets
-lets DDP draw the whole global batch on every rank and keep its own rows (train.draw_rows).
+Each target function returns (x_t, s_target) for rows whose noise x0, time t and step d were drawn already
+(shortcut_times, interval_times), the big-step rows first. No target carries a gradient: the model teaches itself
+only through the loss. training_loss, at the bottom, is one whole training step's loss for any objective: it draws
+the rows (for the whole global batch, so DDP ranks each keep their share of the same rows), builds the targets and
+weighs the regression of s(x_t, t, d, y) onto them. train.py's loop and bench.py call it.
 
     pytest test_objectives.py      # each target against an analytic model
 """
@@ -21,17 +23,31 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-OBJECTIVES = ["flow", "shortcut", "meanflow", "alphaflow"]
+# What each objective brings with it; a flag on train.py's command line wins (train.apply_recipe).
+#   time_scale  t and d x this before their embedding (model.py): 1000 as DiT; MeanFlow and alpha-Flow take the
+#               derivative in t and d through the embedding, which must then see them raw (1).
+#   x_floor     --predict x: the floor on 1 - t in v = (x1_hat - x_t) / (1 - t). An error in the image costs
+#               1 / (1 - t)^2 in the loss on v; under plain MSE a floor of 0.25 keeps the nearly clean rows from
+#               drowning the noisy ones; MeanFlow's adaptive weight normalises every row, so 0.02 (docs/experiments.md).
+#   bootstrap_every, flow_fraction   how many rows take big steps (shortcut_times, interval_times).
+SETTINGS = {
+    "flow": dict(time_scale=1000.0, x_floor=0.25),
+    "shortcut": dict(time_scale=1000.0, x_floor=0.25, bootstrap_every=8),
+    "meanflow": dict(time_scale=1.0, x_floor=0.02, flow_fraction=0.75),
+    "alphaflow": dict(time_scale=1.0, x_floor=0.02, flow_fraction=0.75),
+}
+OBJECTIVES = list(SETTINGS)
 ADAPTIVE = ("meanflow", "alphaflow")  # their targets hold the model's own derivatives: weigh rows adaptively
-# --predict x: the floor on 1 - t in v = (x1_hat - x_t) / (1 - t) (model.py), per objective. An error in the
-# predicted image costs 1 / (1 - t)^2 in the loss on v. Under plain MSE (flow matching, shortcut) that weight would
-# let the nearly clean rows drown the noisy ones that decide the picture; a floor of 0.25 caps it at 16 (0.05 read
-# 21% vs 37% at 1 step, docs/experiments.md). MeanFlow's adaptive weight already normalises each row's loss, so
-# the floor can sit at 0.02: above it the network draws the clean image right up to t = 0.98; a floor of 0.25 made
-# it draw an extrapolated one for t > 0.75, whose errors were the grain of 128-step samples (93% vs 99-100%).
-X_FLOOR = {"flow": 0.25, "shortcut": 0.25, "meanflow": 0.02, "alphaflow": 0.02}
+
+
+def told_step(train_args):
+    """The step size d to tell a checkpoint's model when it steps by 1/steps: None (that step itself) for a model
+    that learnt big steps; a flow-matching model (--objective flow) only ever saw the smallest step,
+    1/denoise_steps, and is told that at every step: plain Euler along its flow."""
+    return 1 / train_args["denoise_steps"] if train_args.get("objective") == "flow" else None
 
 
 def path(x0, x1, t):
@@ -188,3 +204,65 @@ def adaptive_weighted(row_loss, p=1.0):
     large, noisy JVP targets cannot drown the others; p < 1 lets a row with a larger error pull harder. mse is the
     mean over pixels, so 1e-3 is an error floor. p: a number or one per row."""
     return row_loss / (row_loss.detach() + 1e-3) ** p
+
+
+# -----------------------------------------------------------------------------
+# One training step's loss, for any objective: its rows, its target, its weight. train.py's loop and bench.py
+# call this one function.
+
+def draw_rows(cfg, B, shape, rank=0, world_size=1, device="cpu"):
+    """The noise x0 and the objective's (t, d) for all B rows of the global batch, then this rank's rows
+    rank, rank + world_size ...: every rank has the same RNG state, so N ranks compute exactly the rows one process
+    would. -> (x0, t, d, n_big): n_big of this rank's rows, the first ones, take big steps."""
+    x0 = torch.randn(B, *shape, device=device)
+    if cfg.objective in ADAPTIVE:
+        t, d, n_big = interval_times(B, cfg.flow_fraction, cfg.intervals, device)
+    else:
+        t, d, n_big = shortcut_times(B, cfg.bootstrap_every if cfg.objective == "shortcut" else 0,
+                                     cfg.denoise_steps, device)
+    rows = slice(rank, None, world_size)
+    return x0[rows], t[rows], d[rows], len(range(rank, n_big, world_size))
+
+
+def jumping_rows(cfg, B, progress, rank=0, world_size=1, device="cpu"):
+    """Which of this rank's rows are long jumps (long_jump): the last cfg.long_jump_rows of the global batch (flow
+    rows), once training is cfg.long_jump_start of the way through (before, the teacher's few-step samples are no
+    better than noise). -> a bool mask over this rank's rows."""
+    on = progress >= cfg.long_jump_start
+    return torch.arange(B, device=device)[rank::world_size] >= B - cfg.long_jump_rows * on
+
+
+def targets(cfg, model, teacher, x0, x1, y, t, d, n_big, progress):
+    """(x_t, s_target) of cfg.objective, by its function above (they differ in the big steps' target)."""
+    if cfg.objective == "flow":
+        return flow_matching(x0, x1, t)
+    if cfg.objective == "shortcut":
+        return shortcut(teacher, x0, x1, y, t, d, n_big)
+    if cfg.objective == "meanflow":
+        return meanflow(model, x0, x1, y, t, d, n_big, cfg.tangent)
+    return alpha_flow(model, x0, x1, y, t, d, n_big, alpha_schedule(progress))
+
+
+def training_loss(cfg, net, model, teacher, x1, y, progress, rank=0, world_size=1):
+    """The loss of one training step of cfg.objective on this rank's rows x1, y (captions already dropped).
+    cfg: train.py's arguments (objective, flow_fraction, intervals, tangent, bootstrap_every, denoise_steps,
+    long_jump_*). net: the network to train (the model, or its DDP / compiled view); model: the plain online model
+    (a JVP cannot run through DDP or torch.compile); teacher: the EMA. progress: step / max_steps.
+    -> (loss, row_loss (B,), d (B,)): the mean, and each row's loss and step for the log's levels."""
+    # 1. The rows: noise and (t, d) for the whole global batch, this rank's share; the long jumps at t = 0, d = 1.
+    B = x1.shape[0] * world_size
+    x0, t, d, n_big = draw_rows(cfg, B, x1.shape[1:], rank, world_size, x1.device)
+    jump = jumping_rows(cfg, B, progress, rank, world_size, x1.device)
+    t, d = t.masked_fill(jump, 0), d.masked_fill(jump, 1)
+    # 2. The targets: the objective's own function above; the long jumps' from the teacher's K-step sample.
+    x_t, s_target = targets(cfg, model, teacher, x0, x1, y, t, d, n_big, progress)
+    if jump.any():
+        s_target[jump] = long_jump(teacher, x0[jump], y[jump], cfg.long_jump_steps)
+    # 3. Regress s(x_t, t, d, y) onto the target; MeanFlow and alpha-Flow weigh each row adaptively.
+    s = net(x_t, t, d, y)
+    row_loss = F.mse_loss(s.float(), s_target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if cfg.objective in ADAPTIVE:
+        row_loss_weighted = adaptive_weighted(row_loss, torch.where(jump, cfg.long_jump_power, 1.0))
+    else:
+        row_loss_weighted = row_loss
+    return row_loss_weighted.mean(), row_loss, d

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from objectives import interval_times, meanflow
-from sample import autocast, load_checkpoint, sample
+from model import autocast, load_checkpoint
+from sample import sample
 from test_bench import inputs, small_dit
 from test_train import args, data, log_losses, train_here  # noqa: F401 (data: the 16 px toyfaces fixture)
 

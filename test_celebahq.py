@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data as dt
 import prepare_data as pd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,7 +90,7 @@ def test_prepare_layouts(prepared, models):
     vae, clip = models
     x1 = np.load(os.path.join(out, "x1.npy"))
     assert x1.dtype == np.float16 and x1.shape == (N, 2, 4, 8, 8) and np.isfinite(x1).all()
-    assert meta == pd.load_meta(out)
+    assert meta == dt.load_meta(out)
     assert meta["dataset"] == "celebahq" and meta["layout"] == layout and meta["shape"] == [4, 8, 8]
     assert meta["views"] == 2 and meta["num_images"] == N and meta["resolution"] == 64 and meta["skipped"] == 0
     assert meta["vae"] == vae and meta["text_encoder"] == clip and meta["latent_scale"] == 0.18215
@@ -116,16 +117,16 @@ def test_prepare_layouts(prepared, models):
         assert len(captions) == 4 * N and list(ci) == list(np.repeat(np.arange(N), 4))
     else:
         assert [(c, i) for c, i in zip(captions, ci)] == [(c, i) for i in range(N) for c in texts[i]]
-    assert np.allclose(feats, pd.encode_text(captions, clip), atol=1e-5)
+    assert np.allclose(feats, dt.encode_text(captions, clip), atol=1e-5)
 
 
 def test_celeba_captions_are_true():
     rng = np.random.default_rng(0)
-    phrases = {**pd.CELEBA_HAS, **pd.CELEBA_WEARS, **pd.CELEBA_IS}
+    phrases = {**dt.CELEBA_HAS, **dt.CELEBA_WEARS, **dt.CELEBA_IS}
     for _ in range(200):
         true = {a for a in CELEBA_NAMES if rng.random() < 0.3}
         named = {a for a in phrases if a in true} | ({"Beard"} if "No_Beard" not in true else set())
-        captions = pd.celeba_captions(true, rng, 4)
+        captions = dt.celeba_captions(true, rng, 4)
         assert len(captions) == 4 and len(set(captions)) >= 2
         noun, other = ("man", "woman") if "Male" in true else ("woman", "man")
         assert all(re.search(rf"\b{noun}\b", c) and not re.search(rf"\b{other}\b", c) for c in captions)
@@ -136,7 +137,7 @@ def test_celeba_captions_are_true():
             else:
                 assert all(phrase not in c for c in captions), (phrase, captions)
         assert sum(p in captions[1] for p in phrases.values()) <= 4  # short: 2 adjectives and 2 "with" at most
-    assert pd.celeba_captions({"Male", "Eyeglasses", "No_Beard"}, rng, 1) == ["A photo of a man. He wears glasses."]
+    assert dt.celeba_captions({"Male", "Eyeglasses", "No_Beard"}, rng, 1) == ["A photo of a man. He wears glasses."]
 
 
 def test_corrupt_images_skipped_with_warning(models, tmp_path, capsys):
@@ -160,14 +161,14 @@ def test_corrupt_images_skipped_with_warning(models, tmp_path, capsys):
 
 def test_layout_detection(tmp_path):
     src, _ = make_source(tmp_path, "CelebAMask-HQ")
-    assert pd.read_source(str(src))[0] == "CelebAMask-HQ"
+    assert dt.read_source(str(src))[0] == "CelebAMask-HQ"
     (src / "celeba-caption").mkdir()  # MM-CelebA-HQ's captions moved into the CelebAMask-HQ folder: they win
     for i in range(N):
         (src / "celeba-caption" / f"{i}.txt").write_text(f"caption {i}\n")
-    layout, paths, captions = pd.read_source(str(src))
+    layout, paths, captions = dt.read_source(str(src))
     assert layout == "MM-CelebA-HQ" and captions == [[f"caption {i}"] for i in range(N)]
     assert paths == [str(src / "CelebA-HQ-img" / f"{i}.jpg") for i in range(N)]
-    assert sorted(["10.jpg", "2.jpg", "1.jpg"], key=pd.natural_order) == ["1.jpg", "2.jpg", "10.jpg"]
+    assert sorted(["10.jpg", "2.jpg", "1.jpg"], key=dt.natural_order) == ["1.jpg", "2.jpg", "10.jpg"]
 
 
 def test_missing_source_and_no_layout_are_one_clear_line(tmp_path):
@@ -182,10 +183,10 @@ def test_missing_source_and_no_layout_are_one_clear_line(tmp_path):
         assert time.time() - t < 10
     (tmp_path / "empty" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": []}\n')
     with pytest.raises(SystemExit, match="no captioned images found"):
-        pd.read_source(str(tmp_path / "empty"))
+        dt.read_source(str(tmp_path / "empty"))
     (tmp_path / "empty" / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
     with pytest.raises(SystemExit, match="metadata.jsonl line 1: expected"):
-        pd.read_source(str(tmp_path / "empty"))
+        dt.read_source(str(tmp_path / "empty"))
 
 
 @pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no DNS"])
@@ -202,7 +203,7 @@ def test_unreachable_hub_name_fails_fast(models, tmp_path, monkeypatch, offline)
 
         def no_dns(*args, **kwargs):
             raise OSError("Name or service not known")
-        monkeypatch.setattr(pd.socket, "getaddrinfo", no_dns)
+        monkeypatch.setattr(dt.socket, "getaddrinfo", no_dns)
     src, _ = make_source(tmp_path, "metadata.jsonl")
     t = time.time()
     with pytest.raises(SystemExit) as e:
@@ -251,13 +252,14 @@ def test_train_and_sample_decode_latents(models, tmp_path, monkeypatch, capsys):
 
 def test_real_image_stats_of_prepare_equal_fid_from_the_files(models, inception_file, tmp_path, monkeypatch, capsys):
     import fid
+    import inception as fidnet
     src, _ = make_source(tmp_path, "metadata.jsonl")
     (src / "imgs" / "3.png").write_bytes(b"not an image at all")  # skipped by both sides alike
     out = str(tmp_path / "out")
     meta = pd.prepare_images(out, str(src), *models, resolution=64, workers=0, inception=inception_file)
-    mu, sigma, info = fid.load_stats(os.path.join(out, "fid_stats.npz"))
-    inception = fid.load_inception(inception_file)
-    assert info["n"] == meta["num_images"] == N - 1 and info["inception"] == fid.inception_hash(inception)
+    mu, sigma, info = fidnet.load_stats(os.path.join(out, "fid_stats.npz"))
+    inception = fidnet.load_inception(inception_file)
+    assert info["n"] == meta["num_images"] == N - 1 and info["inception"] == fidnet.inception_hash(inception)
     assert os.path.getmtime(os.path.join(out, "meta.json")) >= os.path.getmtime(os.path.join(out, "fid_stats.npz"))
 
     # fid.py, when the file is missing, reads the same files the same way (the source folder in meta.json)
@@ -283,7 +285,7 @@ def test_real_image_stats_of_prepare_equal_fid_from_the_files(models, inception_
 
 
 def test_chunked_vae_decode_equals_unchunked(models):
-    from sample import to_images
+    from data import to_images
     meta = {"vae": models[0], "latent_scale": 0.18215}
     z = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
+import data as dt
 import prepare_data as pd
 import toyfaces
 
@@ -42,7 +43,7 @@ def none_rate(images):
 
 
 def test_layout(data):
-    meta = pd.load_meta(data)
+    meta = dt.load_meta(data)
     N, K = 512, 4 * 512
     x1 = np.load(os.path.join(data, "x1.npy"))
     assert x1.dtype == np.float16 and x1.shape == (N, 1, 3, 32, 32)
@@ -73,7 +74,7 @@ def test_layout(data):
 
 def test_load_meta_missing(tmp_path):
     with pytest.raises(SystemExit, match="meta.json not found: run `python prepare_data.py` first"):
-        pd.load_meta(str(tmp_path))
+        dt.load_meta(str(tmp_path))
 
 
 def test_deterministic(tmp_path):
@@ -217,7 +218,7 @@ def test_clip_loads_and_pools_eos(data):
         out = model(**batch)
     last = [len(tok(p)["input_ids"]) - 1 for p in prompts]  # eos position, before the padding
     assert torch.allclose(out.pooler_output, out.last_hidden_state[torch.arange(2), last])
-    feats = pd.encode_text(prompts + ["a zebra 🦓 in Paris", "", prompts[0]], path)
+    feats = dt.encode_text(prompts + ["a zebra 🦓 in Paris", "", prompts[0]], path)
     assert feats.shape == (5, 64) and feats.dtype == np.float32
     assert np.allclose(feats[:2], out.pooler_output.numpy(), atol=1e-5) and np.array_equal(feats[0], feats[4])
 
@@ -247,7 +248,7 @@ def test_offline_hub_name_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t = time.time()
     with pytest.raises(SystemExit) as e:
-        pd.encode_text(["a man"], name)
+        dt.encode_text(["a man"], name)
     assert time.time() - t < 10
     msg = str(e.value.code)
     assert msg == f"error: cannot load CLIP text encoder '{name}' (offline?): pass --clip /path/to/local/clip"
@@ -259,7 +260,7 @@ def test_cli(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and "x1 (32, 1, 3, 32, 32)" in r.stdout
-    assert pd.load_meta(out)["num_images"] == 32
+    assert dt.load_meta(out)["num_images"] == 32
 
 
 def test_diversity_is_zero_for_the_data_and_sees_a_dropped_mode(data):

@@ -9,6 +9,7 @@ import torch
 import torchvision
 
 import fid
+import inception as fidnet
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,7 +40,7 @@ def test_frechet_distance_matches_direct(rank, method):
     d = 32
     mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
     s1, s2 = random_cov(rng, d, rank), random_cov(rng, d)
-    got = fid.frechet_distance(mu1, s1, mu2, s2, method=method)
+    got = fidnet.frechet_distance(mu1, s1, mu2, s2, method=method)
     assert got == pytest.approx(direct_frechet(mu1, s1, mu2, s2), rel=1e-6)
 
 
@@ -50,46 +51,46 @@ def test_frechet_distance_diagonal_closed_form():
     mu1, mu2 = np.array([1.0, 2, 3, 4]), np.array([1.0, 2, 3, 6])
     want = 4.0 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
     for method in ["eigh", "sqrtm"]:
-        assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method) == pytest.approx(want)
+        assert fidnet.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method) == pytest.approx(want)
 
 
 @pytest.mark.parametrize("method", ["eigh", "sqrtm"])
 def test_identical_stats_give_zero(method):
-    mu, sigma = fid.compute_stats(np.random.default_rng(1).standard_normal((200, 64)) * 3 + 1)
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma, method=method)) < 1e-6
+    mu, sigma = fidnet.compute_stats(np.random.default_rng(1).standard_normal((200, 64)) * 3 + 1)
+    assert abs(fidnet.frechet_distance(mu, sigma, mu, sigma, method=method)) < 1e-6
 
 
 def test_non_finite_trace_retries_with_eps_on_the_diagonal(monkeypatch):
-    calls, real = [], fid._trace_sqrt_product
+    calls, real = [], fidnet._trace_sqrt_product
     def flaky(s1, s2, method):  # as if sqrtm had failed on a singular product the first time
         calls.append(s1.copy())
         return np.nan if len(calls) == 1 else real(s1, s2, method)
-    monkeypatch.setattr(fid, "_trace_sqrt_product", flaky)
+    monkeypatch.setattr(fidnet, "_trace_sqrt_product", flaky)
     s = np.diag([1.0, 0.0])
-    assert fid.frechet_distance(np.zeros(2), s, np.zeros(2), s, eps=1e-6) == pytest.approx(0, abs=1e-5)
+    assert fidnet.frechet_distance(np.zeros(2), s, np.zeros(2), s, eps=1e-6) == pytest.approx(0, abs=1e-5)
     np.testing.assert_allclose(calls[1] - calls[0], 1e-6 * np.eye(2))
 
 
 @pytest.mark.parametrize("n", [100, 1000])  # fewer samples than dimensions (singular sigmas) and more
 def test_sqrtm_and_eigh_agree(n):
     rng = np.random.default_rng(2)
-    mu1, s1 = fid.compute_stats(rng.standard_normal((n, 256)))
-    mu2, s2 = fid.compute_stats(rng.standard_normal((n, 256)) * 1.5 + 0.1)
-    fast, slow = (fid.frechet_distance(mu1, s1, mu2, s2, method=m) for m in ["eigh", "sqrtm"])
+    mu1, s1 = fidnet.compute_stats(rng.standard_normal((n, 256)))
+    mu2, s2 = fidnet.compute_stats(rng.standard_normal((n, 256)) * 1.5 + 0.1)
+    fast, slow = (fidnet.frechet_distance(mu1, s1, mu2, s2, method=m) for m in ["eigh", "sqrtm"])
     assert fast == pytest.approx(slow, rel=1e-6)
 
 
 def test_running_stats_equal_compute_stats_and_roundtrip(tmp_path):
     feats = np.random.default_rng(3).standard_normal((300, 16)).astype(np.float32) * 5 + 2
-    running = fid.RunningStats(dim=16)
+    running = fidnet.RunningStats(dim=16)
     for chunk in np.array_split(feats, 7):
         running.update(chunk)
-    (mu, sigma), (mu2, sigma2) = fid.compute_stats(feats), running.stats()
+    (mu, sigma), (mu2, sigma2) = fidnet.compute_stats(feats), running.stats()
     assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (16, 16)
     np.testing.assert_allclose(mu2, mu, rtol=1e-10)
     np.testing.assert_allclose(sigma2, sigma, rtol=1e-8, atol=1e-10)
-    fid.save_stats(tmp_path / "stats.npz", mu, sigma, n=300, inception="0123abcd", reference="test features")
-    mu3, sigma3, info = fid.load_stats(tmp_path / "stats.npz")
+    fidnet.save_stats(tmp_path / "stats.npz", mu, sigma, n=300, inception="0123abcd", reference="test features")
+    mu3, sigma3, info = fidnet.load_stats(tmp_path / "stats.npz")
     np.testing.assert_array_equal(mu3, mu)
     np.testing.assert_array_equal(sigma3, sigma)
     assert info == {"n": 300, "inception": "0123abcd", "reference": "test features"}
@@ -98,7 +99,7 @@ def test_running_stats_equal_compute_stats_and_roundtrip(tmp_path):
 @pytest.fixture(scope="module")
 def inception():
     torch.manual_seed(0)
-    return fid.FIDInceptionV3().eval()
+    return fidnet.FIDInceptionV3().eval()
 
 
 def test_features_shape_and_any_input_size(inception):
@@ -110,7 +111,7 @@ def test_features_shape_and_any_input_size(inception):
 
 def test_inception_stats_streams_batches(inception):
     batches = (torch.rand(b, 3, 32, 32) for b in [2, 1])
-    mu, sigma = fid.inception_stats(batches, inception, total=2)
+    mu, sigma = fidnet.inception_stats(batches, inception, total=2)
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
 
 
@@ -128,7 +129,7 @@ def test_state_dict_file_loads_strictly_with_standard_keys(inception, tmp_path, 
 
     state = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in inception.state_dict().items()}
     torch.save(state, tmp_path / "weights.pth")
-    loaded = fid.load_inception(tmp_path / "weights.pth")
+    loaded = fidnet.load_inception(tmp_path / "weights.pth")
     assert not loaded.training
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
 
@@ -136,8 +137,8 @@ def test_state_dict_file_loads_strictly_with_standard_keys(inception, tmp_path, 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("downloaded"))
     (tmp_path / "checkpoints").mkdir()
-    torch.save(state, tmp_path / "checkpoints" / fid.FID_WEIGHTS_URL.rsplit("/", 1)[1])
-    assert torch.equal(fid.load_inception().fc.weight, state["fc.weight"])
+    torch.save(state, tmp_path / "checkpoints" / fidnet.FID_WEIGHTS_URL.rsplit("/", 1)[1])
+    assert torch.equal(fidnet.load_inception().fc.weight, state["fc.weight"])
 
 
 def test_offline_without_weights_is_one_clear_line(tmp_path, monkeypatch):
@@ -146,10 +147,10 @@ def test_offline_without_weights_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(SystemExit) as e:
-        fid.load_inception()
+        fidnet.load_inception()
     msg = str(e.value)
     assert "\n" not in msg and str(tmp_path / "checkpoints") in msg and "--inception" in msg
-    assert fid.FID_WEIGHTS_URL in msg
+    assert fidnet.FID_WEIGHTS_URL in msg
 
 
 # ---------------------------------------------------------------------------- the CLI end to end
@@ -169,7 +170,7 @@ def tiny_run(tmp_path_factory):
     args = {"model": "DiT-T/4", "data_dir": str(root / "data"), "bootstrap_every": 8}
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 0, "args": args, "meta": meta},
                root / "ckpt.pt")
-    torch.save(fid.FIDInceptionV3().state_dict(), root / "inception.pth")
+    torch.save(fidnet.FIDInceptionV3().state_dict(), root / "inception.pth")
     return root
 
 
@@ -191,8 +192,8 @@ def test_cli_table_csv_plot_and_cached_reference(tiny_run, monkeypatch, capsys):
     assert rows[0] == "steps,n,fid,prompt_accuracy,open_attribute_tv,weights,reference,reference_n"
     assert rows[1].startswith("2,3,") and rows[1].endswith(",ema,real,8")
     assert np.isfinite(float(rows[1].split(",")[2])) and 0 <= float(rows[1].split(",")[3]) <= 1
-    info = fid.load_stats(tiny_run / "data" / "fid_stats.npz")[2]
-    assert info["n"] == 8 and info["inception"] == fid.inception_hash(fid.load_inception(tiny_run / "inception.pth"))
+    info = fidnet.load_stats(tiny_run / "data" / "fid_stats.npz")[2]
+    assert info["n"] == 8 and info["inception"] == fidnet.inception_hash(fidnet.load_inception(tiny_run / "inception.pth"))
     from PIL import Image
     assert Image.open(tiny_run / "res" / "fid.png").size == (760, 3 * 320)  # three panels: FID, accuracy, TV
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import DiT
-from objectives import alpha_flow, alpha_schedule, flow_matching, interval_times, meanflow, shortcut, shortcut_times
-from train import draw_rows, targets
+from objectives import (alpha_flow, alpha_schedule, draw_rows, flow_matching, interval_times, jumping_rows, long_jump,
+                        meanflow, shortcut, shortcut_times, targets)
 
 C = 1 - 1e-5  # x_t = (1 - C t) x0 + t x1, v = x1 - C x0
 
@@ -242,9 +242,7 @@ def test_math_attention_equals_fused():
 
 def test_long_jump_target_is_the_teachers_k_step_sample_without_gradient():
     """An analytic teacher s(x, t, d, y) = a x + t + y: the target is Phi_K(x0) - x0 of its K Euler steps, holds
-    no graph, and the rows a rank keeps (train.jumping_rows) are the last rows of the global batch."""
-    from objectives import long_jump
-    from train import jumping_rows
+    no graph, and the rows a rank keeps (jumping_rows) are the last rows of the global batch."""
     a = torch.tensor(0.3, requires_grad=True)
     teacher = lambda x, t, d, y: a * x + t.view(-1, 1, 1, 1) + y.view(-1, 1, 1, 1)
     x0, y = torch.randn(5, 3, 4, 4), torch.randn(5)
@@ -255,10 +253,10 @@ def test_long_jump_target_is_the_teachers_k_step_sample_without_gradient():
         target = long_jump(teacher, x0, y, K)
         assert target.grad_fn is None
         torch.testing.assert_close(target, x - x0)
-    args = argparse.Namespace(long_jump_rows=3, long_jump_start=0.5, max_steps=10)
-    assert not jumping_rows(args, 8, step=4).any()
-    one = jumping_rows(args, 8, step=5)
+    args = argparse.Namespace(long_jump_rows=3, long_jump_start=0.5)
+    assert not jumping_rows(args, 8, progress=0.4).any()
+    one = jumping_rows(args, 8, progress=0.5)
     assert one.tolist() == [False] * 5 + [True] * 3
     for world_size in (2, 4):
-        parts = [jumping_rows(args, 8, 5, rank, world_size) for rank in range(world_size)]
+        parts = [jumping_rows(args, 8, 0.5, rank, world_size) for rank in range(world_size)]
         assert all((one[rank::world_size] == p).all() for rank, p in enumerate(parts))

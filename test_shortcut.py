@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from model import DiT, DiT_models
-from sample import load_checkpoint, parse_args, sample
+from model import load_checkpoint
+from sample import parse_args, sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from prepare_data import prepare_toyfaces
-from sample import load_checkpoint, told_step
+from model import load_checkpoint
+from objectives import SETTINGS, told_step
 from train import RECIPES, apply_recipe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -273,13 +274,26 @@ def test_bad_inputs_are_one_line_and_overwrite_nothing(case, data, run4, tmp_pat
 # ---------------------------------------------------------------------------- recipes, MeanFlow end to end
 
 def test_recipe_follows_the_data_and_a_given_flag_wins():
-    flags = dict.fromkeys(RECIPES["paper"])
+    flags = dict.fromkeys([*RECIPES["paper"], "time_scale", "x_floor", "bootstrap_every", "flow_fraction"])
     args = argparse.Namespace(**dict(flags, batch=32))
     assert apply_recipe(args, {"dataset": "toyfaces"}) == "toyfaces recipe, --batch 32"
     assert args.batch == 32 and all(getattr(args, k) == v for k, v in RECIPES["toyfaces"].items() if k != "batch")
+    assert (args.time_scale, args.x_floor, args.flow_fraction, args.bootstrap_every) == (1, 0.02, 0.75, None)
     args = argparse.Namespace(**flags)
     assert apply_recipe(args, {"dataset": "celebahq"}) == "paper recipe"
-    assert vars(args) == RECIPES["paper"] and args.model == "DiT-B/2" and args.max_steps == 410_000
+    assert vars(args) == dict(RECIPES["paper"], **SETTINGS["shortcut"], flow_fraction=None)
+    assert args.model == "DiT-B/2" and args.max_steps == 410_000 and args.time_scale == 1000
+
+
+def test_an_objective_brings_its_own_settings_whatever_the_data():
+    """--objective meanflow on the paper's data takes MeanFlow's raw time embedding, not the shortcut recipe's."""
+    flags = dict.fromkeys([*RECIPES["paper"], "time_scale", "x_floor", "bootstrap_every", "flow_fraction"])
+    args = argparse.Namespace(**dict(flags, objective="meanflow"))
+    assert apply_recipe(args, {"dataset": "celebahq"}) == "paper recipe, --objective meanflow"
+    assert (args.time_scale, args.x_floor, args.flow_fraction, args.bootstrap_every) == (1, 0.02, 0.75, None)
+    args = argparse.Namespace(**dict(flags, objective="shortcut", time_scale=1.0))
+    assert apply_recipe(args, {"dataset": "toyfaces"}) == "toyfaces recipe, --objective shortcut, --time-scale 1"
+    assert (args.time_scale, args.x_floor, args.bootstrap_every) == (1, 0.25, 8)
 
 
 def test_meanflow_run_saves_its_objective_and_time_scale(data, tmp_path, monkeypatch, capsys):

@@ -5,16 +5,18 @@ self-consistency, MeanFlow (Geng et al. 2025) or alpha-Flow (Zhang et al. 2025).
 
     python train.py                      # the recipe that fits the data found: toyfaces (MeanFlow) or the paper's
     python train.py --batch 32           # the same recipe, a flag given on the command line wins
-    python train.py --objective shortcut --time-scale 1000 --max-steps 3000 --out out_sc   # the paper's objective
-    python train.py --objective flow --time-scale 1000 --max-steps 3000 --out out_fm       # the flow-matching baseline
-    python train.py --objective alphaflow --flow-fraction 0.5 --out out_af                 # alpha-Flow
+    python train.py --objective shortcut --bootstrap-every 4 --max-steps 3000 --out out_sc   # the paper's objective
+    python train.py --objective flow --max-steps 3000 --out out_fm       # the flow-matching baseline
+    python train.py --objective alphaflow --flow-fraction 0.5 --out out_af   # alpha-Flow
     python train.py --unconditional --out out_uncond             # no text: the paper's CelebA-HQ setting
     python train.py --resume             # after a crash: the same command plus --resume (bit for bit on a CPU)
     torchrun --standalone --nproc_per_node=8 train.py            # DDP on the 8 GPUs of one machine
 
 Recipes (RECIPES below): on data/toyfaces (prepare_data.py's default) a 1.4M-parameter DiT-T/4 trained with
 MeanFlow for 3,500 steps on a 2-core CPU; on data/celebahq the paper's shortcut objective, DiT-B/2, lr 1e-4, EMA
-0.999, batch 64, 410k steps. The first line printed names the recipe, the model and the device.
+0.999, batch 64, 410k steps. Each objective brings its own settings (objectives.SETTINGS: time scale, x floor, how
+many rows take big steps). The first line printed names the recipe, the model and the device.
+The training step is one call, objectives.training_loss: its rows, targets and loss weight, for any objective.
 Writes to --out: ckpt.pt (a plain dict, loads with weights_only=True, always complete), log.csv (the loss of each
 step-size level d, img/s), levels.png (those losses over training) and grid_<step>.png (fixed prompts at 1, 2, 4
 and 128 steps).
@@ -30,30 +32,22 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import DiT, DiT_models
 import toyfaces
-from objectives import (ADAPTIVE, OBJECTIVES, X_FLOOR, adaptive_weighted, alpha_flow, alpha_schedule, flow_matching,
-                        interval_times, long_jump, meanflow, shortcut, shortcut_times)
-from prepare_data import encode_text, load_data, load_vae
-from sample import AMP, autocast, one_line_errors, read_checkpoint, save_grid, save_plot, steps_grid, told_step
+from data import encode_text, load_data, load_vae, one_line_errors, save_grid, save_plot, steps_grid
+from model import AMP, DiT, DiT_models, autocast, read_checkpoint
+from objectives import ADAPTIVE, OBJECTIVES, SETTINGS, told_step, training_loss
+from sample import sample
 
-RECIPES = {  # what `python train.py` trains, by the data set it finds; any flag given on the command line wins
-    "paper": dict(model="DiT-B/2", batch=64, lr=1e-4, lr_schedule="constant", ema_decay=0.999, bootstrap_every=8,
-                  predict="v", objective="shortcut", flow_fraction=0.75, time_scale=1000.0, long_jump_rows=0,
-                  max_steps=410_000,
-                  sample_every=5000),
-    # A 2-core CPU budget (docs/experiments.md): MeanFlow, the best objective at 1 step and within 2 points of the
-    # best at 2, 4 and 128; its derivatives need t and d embedded x1 (time_scale). 3,500 steps need an lr 30x the paper's that
-    # decays to zero, a short EMA (0.999 averages weights from before the decay) and a network that draws the clean
-    # image (predict x), so 1-step samples carry no grain. bootstrap_every is for --objective shortcut.
-    "toyfaces": dict(model="DiT-T/4", batch=64, lr=3e-3, lr_schedule="cosine", ema_decay=0.99, bootstrap_every=4,
-                     predict="x", objective="meanflow", flow_fraction=0.75, time_scale=1.0, long_jump_rows=0,
-                     max_steps=3500,
-                     sample_every=500),
+# What `python train.py` trains, by the data set it finds: the data's model, budget and objective (whose own
+# settings come from objectives.SETTINGS). Any flag given on the command line wins. Why these: docs/experiments.md.
+RECIPES = {
+    "paper": dict(model="DiT-B/2", batch=64, lr=1e-4, lr_schedule="constant", ema_decay=0.999, predict="v",
+                  objective="shortcut", long_jump_rows=0, max_steps=410_000, sample_every=5000),
+    "toyfaces": dict(model="DiT-T/4", batch=64, lr=3e-3, lr_schedule="cosine", ema_decay=0.99, predict="x",
+                     objective="meanflow", long_jump_rows=0, max_steps=3500, sample_every=500),
 }
 GRID_PROMPTS = ["a man with glasses", "a smiling woman with red hair", "a woman with blond hair",
                 "a bearded man with black hair", "a person with brown hair and glasses", "a smiling man"]
@@ -64,44 +58,11 @@ LOG_HEADER = (["step", "loss", "img_per_s", "elapsed_s"] + [f"loss_d{d}" for d i
               + [f"accuracy_{s}step" for s in QUALITY_STEPS])
 
 
-def draw_rows(args, B, shape, rank=0, world_size=1, device="cpu"):
-    """The noise x0 and the objective's (t, d) for all B rows of the global batch, then this rank's rows
-    rank, rank + world_size ...: every rank has the same RNG state, so N ranks compute exactly the rows one process
-    would. -> (x0, t, d, n_big): n_big of this rank's rows, the first ones, take big steps."""
-    x0 = torch.randn(B, *shape, device=device)
-    if args.objective in ADAPTIVE:
-        t, d, n_big = interval_times(B, args.flow_fraction, args.intervals, device)
-    else:
-        t, d, n_big = shortcut_times(B, args.bootstrap_every if args.objective == "shortcut" else 0,
-                                     args.denoise_steps, device)
-    rows = slice(rank, None, world_size)
-    return x0[rows], t[rows], d[rows], len(range(rank, n_big, world_size))
-
-
-def targets(args, model, teacher, x0, x1, y, t, d, n_big, progress):
-    """(x_t, s_target) of args.objective: they differ in one line, the big steps' target (objectives.py).
-    model: the plain online model (the JVP cannot run through DDP or torch.compile); teacher: the EMA."""
-    if args.objective == "flow":
-        return flow_matching(x0, x1, t)
-    if args.objective == "shortcut":
-        return shortcut(teacher, x0, x1, y, t, d, n_big)
-    if args.objective == "meanflow":
-        return meanflow(model, x0, x1, y, t, d, n_big, args.tangent)
-    return alpha_flow(model, x0, x1, y, t, d, n_big, alpha_schedule(progress))
-
-
-def jumping_rows(args, B, step, rank=0, world_size=1, device="cpu"):
-    """Which of this rank's rows are long jumps (objectives.long_jump): the last --long-jump-rows of the global
-    batch, from step --long-jump-start x max_steps on (before that the teacher's few-step samples are no better
-    than noise). -> a bool mask over this rank's rows."""
-    on = step >= args.long_jump_start * args.max_steps
-    return torch.arange(B, device=device)[rank::world_size] >= B - args.long_jump_rows * on
-
-
 def quality(ema, y, meta, model_d, n=32):
     """toyfaces: the fraction of samples the attribute reader finds showing their prompt, at QUALITY_STEPS steps,
     on a fixed set of noises (n seeds of each grid prompt), so checkpoints and runs compare by looking."""
-    images = steps_grid(ema, y, QUALITY_STEPS, meta, n=n, seed=1234, model_d=model_d)    # (P, n, S, 3, H, W)
+    images = steps_grid(lambda noise, y, steps: sample(ema, noise, y, steps, model_d=model_d), y, QUALITY_STEPS,
+                        meta, n=n, seed=1234)                                                 # (P, n, S, 3, H, W)
     pixels = (images * 255).round().byte().permute(0, 1, 2, 4, 5, 3).cpu().numpy()
     return [np.mean([toyfaces.shows(r, prompt) for p, prompt in enumerate(GRID_PROMPTS)
                      for r in toyfaces.read_attributes(pixels[p, :, s])]) for s in range(len(QUALITY_STEPS))]
@@ -149,7 +110,7 @@ def parse_args():
     parser.add_argument("--long-jump-start", type=float, default=0.3, help="long jumps from this fraction of max-steps")
     parser.add_argument("--long-jump-power", type=float, default=1.0,
                         help="meanflow, alphaflow: the adaptive weight's power p on the long-jump rows")
-    parser.add_argument("--bootstrap-every", type=int, help="1/N of each batch is self-consistency; 0 = flow matching")
+    parser.add_argument("--bootstrap-every", type=positive_int, help="shortcut: 1/N of each batch is self-consistency")
     parser.add_argument("--denoise-steps", type=int, default=128, help="smallest step 1/M; sampling allows up to M steps")
     parser.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of captions replaced by the null one")
     parser.add_argument("--unconditional", action="store_true",
@@ -169,13 +130,14 @@ def parse_args():
 
 
 def apply_recipe(args, meta):
-    """Fill the flags not given from the recipe of the data set. -> 'toyfaces recipe' (+ ', --lr 0.001' for each
-    flag given that differs from it)."""
+    """Fill the flags not given from the recipe of the data set, then from the settings of the objective
+    (objectives.SETTINGS). -> 'toyfaces recipe' (+ ', --lr 0.001' for each flag given that differs from them)."""
     name = "toyfaces" if meta["dataset"] == "toyfaces" else "paper"
+    defaults = dict(RECIPES[name], **SETTINGS[args.objective or RECIPES[name]["objective"]])
     shown = lambda value: f"{value:g}" if isinstance(value, float) else value  # 1.0 -> 1, 0.001 stays
     changed = "".join(f", --{k.replace('_', '-')} {shown(getattr(args, k))}"
-                      for k, v in RECIPES[name].items() if getattr(args, k) not in (None, v))
-    for k, v in RECIPES[name].items():
+                      for k, v in defaults.items() if getattr(args, k) not in (None, v))
+    for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     return f"{name} recipe{changed}"
@@ -288,9 +250,7 @@ if __name__ == "__main__":
     parser, args = parse_args()
     meta, x1_all, features, caption_image = load_data(args.data_dir)
     recipe = apply_recipe(args, meta)
-    if args.x_floor is None:  # the floor on 1 - t belongs to the objective's loss weighting (objectives.X_FLOOR)
-        args.x_floor = X_FLOOR[args.objective]
-    if not (0 <= args.flow_fraction <= 1 and args.time_scale > 0):
+    if not (0 <= (args.flow_fraction or 0) <= 1 and args.time_scale > 0):
         parser.error(f"need 0 <= --flow-fraction <= 1 and --time-scale > 0, got {args.flow_fraction} and {args.time_scale}")
     if not 0 < args.x_floor <= 1:  # v = (x1_hat - x_t) / max(1 - t, floor): a floor of 0 divides by zero at t = 1
         parser.error(f"need 0 < --x-floor <= 1, got {args.x_floor}")
@@ -357,7 +317,8 @@ if __name__ == "__main__":
     t_start = t_log = time.time()
     logged = start  # the step of the last log line
     saved = start  # the step of the checkpoint on disk (0: none yet)
-    bar = tqdm(range(start, args.max_steps + 1), initial=start, total=args.max_steps + 1, desc="train",
+    model_d = told_step(vars(args))  # the step size the grids tell the model (a flow-matching model: its smallest)
+    bar = tqdm(range(start, args.max_steps + 1), initial=start, total=args.max_steps, desc="train",
                dynamic_ncols=True, disable=not master)
     for step in bar:
         # every N steps and at the end: a checkpoint, a steps x prompts grid and the level plot (rank 0)
@@ -369,7 +330,8 @@ if __name__ == "__main__":
                 save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(),
                                  "optimizer": optimizer.state_dict(), "step": step, "rng": rng_states,
                                  "args": vars(args), "meta": meta, "text_encoder": meta["text_encoder"]}, ckpt_path)
-                images = steps_grid(ema, grid_y, GRID_STEPS, meta, n=grid_n, model_d=told_step(vars(args)))
+                images = steps_grid(lambda noise, y, steps: sample(ema, noise, y, steps, model_d=model_d), grid_y,
+                                    GRID_STEPS, meta, n=grid_n)
                 save_grid(images, grid_prompts, GRID_STEPS, os.path.join(args.out, f"grid_{step:06d}.png"))
                 plot_levels(log_rows, os.path.join(args.out, "levels.png"))
                 plot_quality(log_rows, os.path.join(args.out, "quality.png"))
@@ -384,17 +346,9 @@ if __name__ == "__main__":
         x1, y = get_batch()
         keep = (torch.rand(args.batch, 1, device=device)[rows] >= args.cfg_dropout).float()
         y = y * keep  # caption dropout: zero rows are the null caption (classifier-free guidance)
-        x0, t, d, n_big = draw_rows(args, args.batch, x1.shape[1:], rank, world_size, device)
-        jump = jumping_rows(args, args.batch, step, rank, world_size, device)  # flow rows turned into long jumps
-        t, d = t.masked_fill(jump, 0), d.masked_fill(jump, 1)
-        with ctx:
-            x_t, s_target = targets(args, model, teacher, x0, x1, y, t, d, n_big, step / args.max_steps)
-            if jump.any():
-                s_target[jump] = long_jump(teacher, x0[jump], y[jump], args.long_jump_steps)
-            s = ddp_model(x_t, t, d, y)
-        row_loss = F.mse_loss(s.float(), s_target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        p = torch.where(jump, args.long_jump_power, 1.0)  # the adaptive weight's power, row by row
-        loss = (adaptive_weighted(row_loss, p) if args.objective in ADAPTIVE else row_loss).mean()
+        with ctx:  # the objective's rows, targets and weighted loss (objectives.py)
+            loss, row_loss, d = training_loss(args, ddp_model, model, teacher, x1, y, step / args.max_steps, rank,
+                                              world_size)
 
         # NaN guard: a non-finite loss stops us before it reaches the weights, the EMA or a checkpoint. With DDP
         # the check is on the sum over ranks, so all stop at the same step. A CPU-GPU sync, cheap next to a step.
@@ -423,7 +377,7 @@ if __name__ == "__main__":
             levels = [f"{x:.5f}" if n else "" for x, n in zip(means, counts)]  # "": no row of that level
             acc = [""] * len(QUALITY_STEPS)
             if checkpoint_next and meta["dataset"] == "toyfaces" and not args.unconditional:
-                acc = [f"{a:.4f}" for a in quality(ema, grid_y, meta, told_step(vars(args)))]
+                acc = [f"{a:.4f}" for a in quality(ema, grid_y, meta, model_d)]
             log_rows.append([step + 1, f"{loss.item():.5f}", f"{img_s:.1f}", f"{now - t_start:.1f}", *levels, *acc])
             writer.writerow(log_rows[-1])
             log.flush()
