@@ -54,9 +54,15 @@ PRESETS = {
                      predict="x"),
 }
 
-# dense bf16 tensor-core peak of the GPUs we know, TFLOP/s (H100/H200 SXM: 989; their sparse figure is twice that);
-# the first name found in torch.cuda.get_device_name() wins
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+# dense bf16 tensor-core peak of the GPUs we know, TFLOP/s (NVIDIA's data sheets halve their sparse figures): the
+# SXM boards 989, the NVL (PCIe) boards of H100 and H200 835, H100 PCIe 756. The first name found in
+# torch.cuda.get_device_name() wins, so the longer names come first.
+PEAK_TFLOPS = {"H100 NVL": 835.0, "H200 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_tflops(device_name):
+    """The dense bf16 peak of a GPU by its name, or None for one we do not know."""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
 
 
 # -----------------------------------------------------------------------------
@@ -86,10 +92,16 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def train_flops_per_image(model, batch, bootstrap_every):
-    """Model FLOPs of one shortcut training step per image: the student's forward and backward (3 forwards) on
-    every row, plus the teacher's two half-step forwards on the B / bootstrap_every bootstrap rows."""
-    n_boot = min(max(batch // bootstrap_every, 1), batch - 1) if bootstrap_every else 0  # as objectives.shortcut_times
+def train_flops_per_image(model, batch, bootstrap_every, objective="shortcut"):
+    """Model FLOPs of one training step per image: the student's forward and backward (3 forwards) on every row,
+    plus the target's work on the big-step rows: shortcut, the teacher's two half-step forwards on the
+    B / bootstrap_every bootstrap rows; MeanFlow, one JVP on the interval rows, which PyTorch counts as 3 forwards
+    (the primal, and the tangent through every product of two varying factors twice); its primal is a forward the
+    student repeats, so 1 of those 3 does no new work; alpha-Flow, two no-grad forwards on the interval rows."""
+    if objective in ("meanflow", "alphaflow"):  # as objectives.interval_times at the objective's flow fraction
+        n_big = batch - round(SETTINGS[objective]["flow_fraction"] * batch)
+        return model.flops_per_image() * (3 + (3 if objective == "meanflow" else 2) * n_big / batch)
+    n_boot = min(max(batch // bootstrap_every, 1), batch - 1) if objective == "shortcut" else 0  # as shortcut_times
     return model.flops_per_image() * (3 + 2 * n_boot / batch)
 
 
@@ -193,6 +205,8 @@ def flop_counts(cfg, shape):
     S = cfg["image_size"]
     flops = dict(forward=model.flops_per_image(), train_step=train_flops_per_image(model, cfg["batch"],
                                                                                    cfg["bootstrap_every"]))
+    for objective in ("flow", "meanflow", "alphaflow"):
+        flops[f"train_step_{objective}"] = train_flops_per_image(model, cfg["batch"], cfg["bootstrap_every"], objective)
     with torch.device("meta"), torch.no_grad():
         images = torch.rand(1, 3, S, S)
         flops["inception"] = count_flops(lambda: FIDInceptionV3()(images))
@@ -230,16 +244,19 @@ def main(argv=None):
     warmup = 5 if device == "cuda" and not args.quick else 1
     name = (torch.cuda.get_device_name() if device == "cuda" else
             f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device == "cuda" and k in name), None)
+    peak = args.peak_tflops or (peak_tflops(name) if device == "cuda" else None)
     results = {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(), "preset": preset,
                "config": {**cfg, "latent_shape": shape, "compile": args.compile, "iters": iters, "warmup": warmup,
                           "autocast": "bf16" if device == "cuda" else "fp32"}}
     print(f"bench {preset} on {name}, torch {torch.__version__}, {results['config']['autocast']}"
           f"{', compiled' if args.compile else ''}; {warmup} warm-up + {iters} timed calls per figure")
 
-    def report(key, line, **values):
+    def report(key, line, **values):  # every figure is in --out as soon as it is measured: a time-out loses none
         results[key] = values
         print(f"{key:22s} {line}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
 
     def guarded(key, fn):  # an out-of-memory figure is reported, not fatal: the others still get measured
         try:
@@ -254,7 +271,8 @@ def main(argv=None):
     sample_1step = g["forward"] + g.get("vae_decode", 0)
     vae_share = f" (VAE decode {g['vae_decode'] / sample_1step:.0%}, encode {g['vae_encode']:.4g})" if vae_cfg else ""
     report("flops", f"{cfg['model']} forward {g['forward']:.2f} GFLOP/img; training step {g['train_step']:.2f} "
-           f"(3 + 2/{cfg['bootstrap_every']} forwards) -> H100 ceiling {h100 / g['train_step']:,.0f} img/s; "
+           f"(3 + 2/{cfg['bootstrap_every']} forwards) -> H100 ceiling {h100 / g['train_step']:,.0f} img/s; MeanFlow "
+           f"{g['train_step_meanflow']:.2f} (3 + a JVP of 3 on 1/4 of the rows); "
            f"1-step sample {sample_1step:.4g}{vae_share} -> {h100 / sample_1step:,.0f} img/s; "
            f"Inception {g['inception']:.3g}",
            **{f"{k}_gflops": v for k, v in g.items()}, h100_train_img_s=h100 / g["train_step"],
@@ -285,10 +303,14 @@ def main(argv=None):
         out = guarded(f"train_{objective}", lambda: bench_train(cfg, shape, device, iters, warmup, naive=False,
                                                                 compile=args.compile, objective=objective))
         if out and "step_ms" in results["train"]:
-            ratio = out[0] / results["train"]["step_ms"] * 1e3
-            report(f"train_{objective}", f"batch {B}: {B / out[0]:,.1f} img/s ({out[0] * 1e3:.1f} ms/step: "
-                   f"--objective {objective}, {what}) = {ratio:.2f}x the shortcut step's time",
-                   img_per_s=B / out[0], step_ms=out[0] * 1e3, vs_shortcut=ratio)
+            (sec, mem), ratio = out, out[0] / results["train"]["step_ms"] * 1e3
+            tflops = g[f"train_step_{objective}"] * B / sec / 1e3
+            report(f"train_{objective}", f"batch {B}: {B / sec:,.1f} img/s ({sec * 1e3:.1f} ms/step: "
+                   f"--objective {objective}, {what}) = {ratio:.2f}x the shortcut step's time, {tflops:.3g} TFLOP/s"
+                   + (f", MFU {tflops / peak:.1%}" if peak else "")
+                   + (f", peak memory {mem:.1f} GiB" if mem is not None else ""),
+                   img_per_s=B / sec, step_ms=sec * 1e3, vs_shortcut=ratio, tflops=tflops,
+                   mfu=tflops / peak if peak else None, peak_mem_gib=mem)
     if args.baseline:
         out = guarded("train_baseline", lambda: bench_train(cfg, shape, device, iters, min(warmup, 2), naive=True,
                                                             compile=False, vae=vae))
@@ -342,8 +364,6 @@ def main(argv=None):
     tmp.cleanup()
 
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
         print(f"wrote {args.out}")
     return results
 

@@ -1,8 +1,25 @@
-"""Fixtures shared by test_celebahq.py and test_reproduce.py, made once per test session."""
+"""Fixtures shared by the tests: TF32 flags restored after every test, the CPU path on purpose (cpu_only), and
+the tiny models of test_celebahq.py and test_reproduce.py, made once per test session."""
 import pytest
 import torch
 
 import toyfaces
+
+
+@pytest.fixture(autouse=True)
+def restore_tf32():
+    """train.py switches TF32 on for the whole process; an in-process run must not leak it into later tests."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """Hide CUDA from this test and the subprocesses it starts: the code takes its CPU path, whose results are
+    deterministic and whose printed lines say "device cpu", on a GPU machine too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ from tqdm import tqdm
 import toyfaces
 from data import one_line_errors, power_of_two_steps, read_source, save_plot, to_images
 from inception import (RunningStats, frechet_distance, image_file_stats, inception_features, inception_hash,
-                       inception_stats, load_inception, load_stats, save_stats)
+                       inception_stats, load_inception, load_stats, made_on, save_stats)
 from model import autocast, is_unconditional, load_checkpoint
 from objectives import told_step
 from sample import sample
@@ -78,7 +78,7 @@ def reference_stats(data_dir, meta, kind, inception, batch, workers=0):
         batches = (decode(i) for i in range(0, n, batch))
         mu, sigma = inception_stats(batches, inception, total=-(-n // batch), desc=f"{kind} reference ({n} images)")
         what = "the data's images" if real else f"VAE reconstructions of {os.path.join(data_dir, 'x1.npy')}"
-    info = dict(n=n, inception=digest, reference=what)
+    info = dict(n=n, inception=digest, reference=what, **made_on(inception))
     save_stats(path, mu, sigma, **info)
     return mu, sigma, info, path
 

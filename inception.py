@@ -145,7 +145,8 @@ def inception_hash(inception):
 
 
 def save_stats(path, mu, sigma, **info):
-    """mu, sigma and what they are: info = n (images), inception (inception_hash), reference (in words)."""
+    """mu, sigma and what they are: info = n (images), inception (inception_hash), reference (in words), device
+    and precision (made_on)."""
     np.savez(path, mu=mu, sigma=sigma, **info)
 
 
@@ -193,9 +194,23 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="eigh"):
 
 @torch.no_grad()
 def inception_features(images, inception):
-    """images (B, 3, H, W) in [0, 1] -> float64 numpy (B, 2048), on the device Inception lives on."""
+    """images (B, 3, H, W) in [0, 1] -> float64 numpy (B, 2048), on the device Inception lives on, in true fp32:
+    with TF32 (which train.py switches on) cuDNN's convolutions would move the features by ~1e-3, and statistics
+    made on a CPU and on a GPU would no longer compare."""
     images = (images.float().clamp(0, 1) * 255).round() / 255  # 8-bit, as if saved as PNG, for both sides
-    return inception(images.to(next(inception.parameters()).device)).double().cpu().numpy()
+    device = next(inception.parameters()).device
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            return inception(images.to(device)).double().cpu().numpy()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def made_on(inception):
+    """What a statistics file records of how it was made: the device type and the precision (always fp32)."""
+    return dict(device=next(inception.parameters()).device.type, precision="fp32")
 
 
 def real_features(images, inception):

@@ -2,14 +2,16 @@
 A Diffusion Transformer (DiT) conditioned on the noise level t, the step size d and a text feature y.
 
 Reads top-down like facebookresearch/DiT's models.py:
-embedders (t, d, text) -> DiTBlock (adaLN-Zero) -> FinalLayer -> DiT -> sin-cos pos-embed -> DiT_models registry.
+embedders (t, d, text) -> DiTBlock (adaLN-Zero) -> FinalLayer -> DiT -> sin-cos pos-embed -> DiT_models registry,
+then loading a checkpoint and the precision of the forward passes (autocast).
 
     python model.py            # shape smoke test: builds every preset, prints parameter counts
 
 Conventions (as in the paper and the official code): t = 0 is pure noise x0, t = 1 is data x1,
-the model returns the velocity v = x1 - x0, and d in [0, 1] is the size of the step the caller will take with it
-(d = 1 the one-step jump; flow matching is d -> 0: the shortcut objective's smallest level 1/128, MeanFlow's d = 0). Its last layer predicts v itself (the paper) or,
-with predict="x", the clean image x1, from which v follows (see DiT.forward).
+the model returns the velocity v = x1 - x0, and d in [0, 1] is the size of the step the caller will take with it:
+d = 1 is the one-step jump, and flow matching is d -> 0 (the shortcut objective's smallest level 1/128; MeanFlow
+trains d = 0 itself). Its last layer predicts v itself (the paper) or, with predict="x", the clean image x1, from
+which v follows (see DiT.forward).
 
 Where this differs from the official code (kvfrans/shortcut-models, JAX; README "Ours vs official"):
   t       ours: t x time_scale (1000 by default, facebookresearch/DiT's range of integer timesteps); official

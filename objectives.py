@@ -163,13 +163,15 @@ def alpha_flow(model, x0, x1, y, t, d, n_big, alpha):
     x_t, v = path(x0, x1, t)
     # 2. Flow rows (d = 0): s_target = v.
     s_target = v.clone()
-    # 3. Intervals: one batched call gives s at (x_t, t, d) and the model's step from x_t + alpha d v.
+    # 3. Intervals: one batched call gives s at (x_t, t, d) and the model's step from x_t + alpha d v. In fp32
+    #    under any --amp: the target divides their difference by alpha, which would scale bf16's rounding by 50.
     if n_big == 0:
         return x_t, s_target
     xi, ti, di, yi, vi = x_t[:n_big], t[:n_big], d[:n_big], y[:n_big], v[:n_big]
     x_s = xi + alpha * di.view(-1, 1, 1, 1) * vi
-    s, s_rest = model(torch.cat([xi, x_s]), torch.cat([ti, ti + alpha * di]), torch.cat([di, (1 - alpha) * di]),
-                      torch.cat([yi, yi])).chunk(2)
+    with torch.autocast(xi.device.type, enabled=False):
+        s, s_rest = model(torch.cat([xi, x_s]), torch.cat([ti, ti + alpha * di]), torch.cat([di, (1 - alpha) * di]),
+                          torch.cat([yi, yi])).chunk(2)
     s_target[:n_big] = s + (alpha * vi + (1 - alpha) * s_rest - s) / alpha
     return x_t, s_target
 

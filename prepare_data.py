@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from data import encode_text, image_batches, load_vae, local_or_hub, read_source
-from inception import RunningStats, inception_hash, load_inception, load_stats, real_features, save_stats
+from inception import RunningStats, inception_hash, load_inception, load_stats, made_on, real_features, save_stats
 from toyfaces import ATTRIBUTES, HAIR_COLOURS, PROMPT_WORDS, caption, make_faces, make_tiny_clip
 
 # -----------------------------------------------------------------------------
@@ -178,6 +178,7 @@ def prepare_images(out, source, vae="stabilityai/sd-vae-ft-mse", clip="openai/cl
     kept_captions = [c for text, o in zip(captions, ok) if o for c in text]
     if fid_net is not None:  # before meta.json: a complete data set has its statistics
         save_stats(os.path.join(out, "fid_stats.npz"), *real.stats(), n=real.n, inception=inception_hash(fid_net),
+                   **made_on(fid_net),
                    reference=f"real images of {os.path.abspath(source)} at {resolution} px")
     return write_dataset(out, np.load(final, mmap_mode="r+"), kept_captions, caption_image, features[keep], meta)
 

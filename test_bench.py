@@ -8,9 +8,11 @@ import contextlib
 import copy
 import json
 
+import pytest
 import torch
 
-from bench import PRESETS, build_vae, count_flops, flop_counts, main, make_train_step, plain_mode, train_flops_per_image
+from bench import (PRESETS, build_vae, count_flops, flop_counts, main, make_train_step, peak_tflops, plain_mode,
+                   train_flops_per_image)
 from model import DiT
 
 
@@ -51,6 +53,19 @@ def test_training_step_flops_are_three_forwards_plus_two_teacher_forwards_on_boo
     counted = count_flops(lambda: step(x1, y))
     expected = 16 * train_flops_per_image(model, 16, 8)  # (3 + 2 * 2/16) forwards per image
     assert 0.99 * expected < counted <= expected  # less only by the input gradient of the patch embedding
+
+
+@pytest.mark.parametrize("objective", ["flow", "meanflow", "alphaflow"])
+def test_training_step_flops_of_the_other_objectives_are_what_pytorch_counts(objective):
+    """MeanFlow: 3 forwards for the student plus a JVP (3 forwards as counted) on 1/4 of the rows; alpha-Flow: two
+    no-grad forwards there; flow matching: the student alone."""
+    model = small_dit()
+    step = make_train_step(model, torch.optim.AdamW(model.parameters()), 8, contextlib.nullcontext(),
+                           objective=objective)
+    x1, y = torch.randn(16, 3, 16, 16), torch.randn(16, 7)
+    counted = count_flops(lambda: step(x1, y))
+    expected = 16 * train_flops_per_image(model, 16, 8, objective)
+    assert 0.99 * expected < counted <= expected, (counted / expected)
 
 
 def test_fused_attention_equals_plain_and_bf16_autocast_is_within_bf16_tolerance():
@@ -105,7 +120,7 @@ def test_channels_last_vae_decodes_the_same():
 
 def test_bench_quick_run_prints_and_writes_every_figure(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    main(["--quick", "--baseline", "--out", str(path)])
+    main(["--preset", "tiny", "--quick", "--baseline", "--out", str(path)])
     out = capsys.readouterr().out
     r = json.loads(path.read_text())
     assert r["preset"] == "tiny" and r["config"]["latent_shape"] == [4, 16, 16] and r["torch"] == torch.__version__
@@ -122,3 +137,9 @@ def test_bench_quick_run_prints_and_writes_every_figure(tmp_path, capsys):
     s = r["sample_4step_batch8"]
     assert abs(s["dit_ms"] + s["vae_ms"] - s["latency_ms"]) < 1e-6 and 0 < s["vae_share"] < 1
     assert abs(r["frechet"]["value"] - r["frechet_baseline"]["value"]) < 1e-6 * r["frechet"]["value"]
+
+
+def test_peak_table_knows_the_nvl_boards_apart():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == peak_tflops("NVIDIA H200") == 989
+    assert peak_tflops("NVIDIA H200 NVL") == peak_tflops("NVIDIA H100 NVL") == 835
+    assert peak_tflops("NVIDIA H100 PCIe") == 756 and peak_tflops("NVIDIA GeForce RTX 4090") is None

@@ -18,6 +18,8 @@ from PIL import Image
 import data as dt
 import prepare_data as pd
 
+pytestmark = pytest.mark.usefixtures("cpu_only")  # the CPU path on purpose, on a GPU machine too (conftest.py)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CELEBA_NAMES = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
                 "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
@@ -65,7 +67,9 @@ def make_source(root, layout):
 
 def prepare(models, root, layout, workers=0):
     src, texts = make_source(root, layout)
-    meta = pd.prepare_images(str(root / "out"), str(src), *models, resolution=64, workers=workers)
+    with pytest.MonkeyPatch.context() as mp:  # the CPU path: its latents and features are compared at 1e-5
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        meta = pd.prepare_images(str(root / "out"), str(src), *models, resolution=64, workers=workers)
     return layout, str(src), str(root / "out"), meta, texts
 
 
@@ -260,6 +264,7 @@ def test_real_image_stats_of_prepare_equal_fid_from_the_files(models, inception_
     mu, sigma, info = fidnet.load_stats(os.path.join(out, "fid_stats.npz"))
     inception = fidnet.load_inception(inception_file)
     assert info["n"] == meta["num_images"] == N - 1 and info["inception"] == fidnet.inception_hash(inception)
+    assert (info["device"], info["precision"]) == ("cpu", "fp32")  # where and how the reference was made
     assert os.path.getmtime(os.path.join(out, "meta.json")) >= os.path.getmtime(os.path.join(out, "fid_stats.npz"))
 
     # fid.py, when the file is missing, reads the same files the same way (the source folder in meta.json)

@@ -11,6 +11,8 @@ import torchvision
 import fid
 import inception as fidnet
 
+pytestmark = pytest.mark.usefixtures("cpu_only")  # the CPU path on purpose, on a GPU machine too (conftest.py)
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
@@ -242,3 +244,26 @@ def test_unconditional_train_sample_fid(tiny_run, monkeypatch, capsys):
     assert "N = 3 samples per row, unconditional" in out and "(online weights)" in out
     assert "steps       FID  is a face  open-attribute TV" in out
     assert (tiny_run / "res3" / "fid.csv").read_text().split()[1].endswith(",online,real,8")
+
+
+def test_inception_runs_in_true_fp32_and_restores_tf32():
+    """Inception's features are fp32 without TF32 whatever train.py switched on (a GPU's statistics then match a
+    CPU's), and the flags come back after; statistics files say where they were made."""
+    seen = []
+
+    class Probe(torch.nn.Module):  # records the flags and the dtype its forward runs with
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                         torch.is_autocast_enabled("cpu")))
+            return x.flatten(1) * self.w
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = fidnet.inception_features(torch.rand(2, 3, 4, 4), Probe())
+    assert seen == [(False, False, False)] and feats.dtype == np.float64
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored (conftest resets)
+    assert fidnet.made_on(Probe()) == {"device": "cpu", "precision": "fp32"}

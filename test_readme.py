@@ -35,7 +35,7 @@ def test_quickstart_commands_run_as_printed(tmp_path):
     assert commands[0] == "pip install -r requirements.txt" and len(commands) == 4, commands
     assert all(len(c) <= 80 and "..." not in c for c in commands), "short commands a person can remember"
     stdout = ""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # the CPU path: "device cpu" is printed
     for command in commands[1:]:
         argv = shlex.split(command)
         assert argv[0] == "python" and argv[1] in OVERRIDES, command

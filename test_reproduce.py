@@ -12,6 +12,8 @@ import torch
 
 from test_celebahq import HERE, N, make_source, run_script
 
+pytestmark = pytest.mark.usefixtures("cpu_only")  # the CPU path on purpose, on a GPU machine too (conftest.py)
+
 
 def commands():
     """The `python ...` lines of the doc's bash blocks, in order."""

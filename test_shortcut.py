@@ -17,6 +17,8 @@ from model import DiT, DiT_models
 from model import load_checkpoint
 from sample import parse_args, sample
 
+pytestmark = pytest.mark.usefixtures("cpu_only")  # the CPU path on purpose, on a GPU machine too (conftest.py)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -89,7 +91,8 @@ def test_sampler_calls_model_steps_times_with_right_t_and_d(steps):
 # ---------------------------------------------------------------------------- scripts end to end
 
 def run(*args, cwd):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the CPU path on purpose
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,13 @@ import torch
 from prepare_data import prepare_toyfaces
 from model import load_checkpoint
 from objectives import SETTINGS, told_step
-from train import RECIPES, apply_recipe
+from train import RECIPES, apply_recipe, setup_ddp
+
+pytestmark = pytest.mark.usefixtures("cpu_only")  # the CPU path on purpose, on a GPU machine too (conftest.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "train.py")
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # subprocesses: the CPU path, gloo
 
 
 def args(data, out, *extra, steps=8):
@@ -40,7 +42,8 @@ def args(data, out, *extra, steps=8):
 
 
 def train_here(argv, monkeypatch):
-    """python train.py argv, in this process."""
+    """python train.py argv, in this process, on the CPU whatever the machine has (bit-for-bit comparisons)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
     runpy.run_path(TRAIN, run_name="__main__")
 
@@ -107,6 +110,18 @@ def test_ddp_two_processes_take_the_same_step_as_one(data, tmp_path, monkeypatch
         moved += state_one["exp_avg"].abs().sum()
     assert moved > 1e-3  # the step was real: the comparison above is not between zeros
     assert log_losses(tmp_path / "ddp")[0][0] == 1
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    """torchrun --nproc_per_node=2 on a 1-GPU machine: refused before any process group, naming the fix."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for k, v in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        setup_ddp()
+    assert str(e.value.code) == ("error: 2 processes on this machine but 1 GPU(s): use --nproc_per_node=1, or "
+                                 "CUDA_VISIBLE_DEVICES= for CPU processes")
 
 
 # ---------------------------------------------------------------------------- resume after a crash

@@ -148,6 +148,10 @@ def setup_ddp():
     Without them, one process. -> (ddp, rank, world_size, local_rank, device)"""
     if "RANK" not in os.environ:
         return False, 0, 1, 0, "cuda" if torch.cuda.is_available() else "cpu"
+    local_ranks, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+    if torch.cuda.is_available() and local_ranks > gpus:  # rank gpus would ask for a cuda:N that does not exist
+        raise SystemExit(f"error: {local_ranks} processes on this machine but {gpus} GPU(s): use "
+                         f"--nproc_per_node={gpus}, or CUDA_VISIBLE_DEVICES= for CPU processes")
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -286,13 +290,15 @@ if __name__ == "__main__":
                 d_embedding=args.d_embedding).to(device)
     model.y_embedder.set_feature_stats(torch.from_numpy(features).to(device))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    # compiled views share the parameters; we save and sample with the plain modules, so no "_orig_mod." keys
-    student, teacher = (torch.compile(model), torch.compile(ema)) if args.compile else (model, ema)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.999), fused=device != "cpu")
     # DDP averages the gradients of all ranks in backward, so every rank takes the same step and the EMA stays
-    # identical everywhere. Checkpoints hold the unwrapped model.
-    ddp_model = DDP(student, device_ids=[local_rank] if device != "cpu" else None) if ddp else student
+    # identical everywhere; no buffer changes in training, so none is broadcast. DDP first, then torch.compile:
+    # the compiled graph is split at DDP's gradient buckets, so their all-reduce overlaps the rest of backward. The
+    # teacher sees several batch sizes (bootstrap rows, long jumps): dynamic=False, one static graph for each.
+    # Compiled views share the parameters; we save and sample with the plain modules, so no "_orig_mod." keys.
+    net = DDP(model, device_ids=[local_rank] if device != "cpu" else None, broadcast_buffers=False) if ddp else model
+    net, teacher = (torch.compile(net), torch.compile(ema, dynamic=False)) if args.compile else (net, ema)
     if args.unconditional:  # one band of 6 seeds of the null caption instead of 6 prompts
         grid_prompts, grid_n, grid_y = ["unconditional"], 6, torch.zeros(1, meta["feature_dim"], device=device)
     else:
@@ -347,7 +353,7 @@ if __name__ == "__main__":
         keep = (torch.rand(args.batch, 1, device=device)[rows] >= args.cfg_dropout).float()
         y = y * keep  # caption dropout: zero rows are the null caption (classifier-free guidance)
         with ctx:  # the objective's rows, targets and weighted loss (objectives.py)
-            loss, row_loss, d = training_loss(args, ddp_model, model, teacher, x1, y, step / args.max_steps, rank,
+            loss, row_loss, d = training_loss(args, net, model, teacher, x1, y, step / args.max_steps, rank,
                                               world_size)
 
         # NaN guard: a non-finite loss stops us before it reaches the weights, the EMA or a checkpoint. With DDP
