@@ -94,9 +94,9 @@ def prepare_toyfaces(out, n=20000, seed=0, resolution=32, captions_per_image=4):
 # real data: CelebA-HQ and image folders (data.read_source) -> SD-VAE latents of both flips + CLIP features
 
 def load_fid_inception(path, device):
-    """fid.py's Inception network for the real-image FID statistics, or None (path None, or no weights: then one
-    line says so; fid.py makes the statistics later from the source folder)."""
-    if path is None:
+    """fid.py's Inception network for the real-image FID statistics, or None (path None or "none", or no weights:
+    then one line says so; fid.py makes the statistics later from the source folder)."""
+    if path in (None, "none"):
         return None
     try:
         return load_inception(None if path == "auto" else path, device)
@@ -198,7 +198,8 @@ if __name__ == "__main__":
     p.add_argument("--batch-size", type=int, default=16, help="images per VAE batch (each is encoded twice: both flips)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-reading processes")
     p.add_argument("--inception", default="auto",
-                   help="FID Inception weights for the real-image statistics (auto: the torch hub cache or download)")
+                   help="FID Inception weights for the real-image statistics (auto: the torch hub cache or download; "
+                        "none: no statistics now)")
     args = p.parse_args()
     out = args.out or os.path.join("data", args.dataset)
     if args.dataset == "toyfaces":

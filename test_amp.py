@@ -4,10 +4,10 @@ of CUDA's autocast, so `--amp bf16` runs here what train.py and sample.py run on
 passes; weights, AdamW, the EMA and the Euler updates in fp32). Every objective trains a few steps in bf16 with the
 losses of fp32 within a few percent; a bf16 checkpoint holds only fp32 tensors and resumes bit for bit; 1- and
 4-step samples are within bf16 tolerance of fp32. The slow tests take minutes on a CPU: --compile, and the dry
-run of .ci/gpu, the one command that checks a GPU machine end to end.
+runs of .ci/gpu 1 and 2, the two commands that check a GPU machine end to end.
 
     OMP_NUM_THREADS=1 python -m pytest -q test_amp.py              # the default run leaves slow tests out
-    OMP_NUM_THREADS=1 python -m pytest -q test_amp.py -m slow      # torch.compile, bash .ci/gpu --dry-run
+    OMP_NUM_THREADS=1 python -m pytest -q test_amp.py -m slow      # torch.compile, bash .ci/gpu 1|2 --dry-run
 """
 
 import json
@@ -148,7 +148,7 @@ def test_bf16_samples_are_within_bf16_tolerance_of_fp32(steps):
     assert 1e-4 < rel < 2e-2, rel
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: bash .ci/gpu runs it on a GPU machine")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: bash .ci/gpu 1 runs it on a GPU machine")
 def test_cuda_bf16_is_the_cpu_bf16_path():
     """What the CPU tests above stand for: on CUDA, --amp auto is bf16, its forward pass is the CPU's bf16 one within
     bf16 rounding, and MeanFlow's target is the fp32 one (TF32 matmuls on the GPU)."""
@@ -196,15 +196,17 @@ def test_compile_trains_like_eager_and_saves_plain_keys(trained, data, tmp_path,
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_passes_every_stage(tmp_path):
-    """bash .ci/gpu --dry-run: every stage of the GPU check at CPU sizes (about 3 minutes), and gpu.json says so."""
+@pytest.mark.parametrize("part, stages", [(1, ["setup", "data", "pytest", "resume", "torchrun"]),
+                                          (2, ["setup", "bench", "toyfaces", "sample"])])
+def test_gpu_check_dry_run_passes_every_stage(part, stages, tmp_path):
+    """bash .ci/gpu 1|2 --dry-run: every stage of each part of the GPU check at CPU sizes, and gpu.json says so."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    r = subprocess.run(["bash", os.path.join(HERE, ".ci", "gpu"), "--dry-run", "--out", str(tmp_path / "check")],
+    r = subprocess.run(["bash", os.path.join(HERE, ".ci", "gpu"), str(part), "--dry-run", "--out", str(tmp_path / "c")],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    report = json.load(open(tmp_path / "check" / "gpu.json"))
-    assert report["passed"] and report["dry_run"]
-    assert [s["stage"] for s in report["stages"]] == ["setup", "data", "pytest", "bench", "resume", "torchrun",
-                                                      "toyfaces", "sample"]
-    assert "train" in report["bench"] and len(report["accuracy"]) == 4  # sample.py's line per step count
+    report = json.load(open(tmp_path / "c" / "gpu.json"))
+    assert report["passed"] and report["dry_run"] and report["part"] == part
+    assert [s["stage"] for s in report["stages"]] == stages
+    if part == 2:
+        assert "train_meanflow" in report["bench"] and len(report["accuracy"]) == 4  # sample.py's line per step count
     print(r.stdout)
