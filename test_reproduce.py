@@ -8,6 +8,7 @@ import re
 import shlex
 
 import numpy as np
+import pytest
 import torch
 
 from test_celebahq import HERE, N, make_source, run_script
