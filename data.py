@@ -299,10 +299,10 @@ def save_grid(images, prompts, steps_list, path, cols=8):
     canvas.save(path)
 
 
-def save_plot(path, x, panels, log_x=False, log_y=False):
+def save_plot(path, x, panels, log_x=False, log_y=False, ticks=None):
     """Line plots stacked vertically, panels = {title: {label: ys}}, drawn with Pillow (which torchvision brings;
     matplotlib is not one of this repo's requirements). Points that are not finite (on a log axis: <= 0) are left
-    out."""
+    out. ticks: the x values to label (default: every x, or the first and last of more than 16)."""
     W, H, pad, legend = 760, 320, 56, 80
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     img = Image.new("RGB", (W, H * len(panels)), "white")
@@ -328,9 +328,9 @@ def save_plot(path, x, panels, log_x=False, log_y=False):
                     draw.ellipse([a - 3, b - 3, a + 3, b + 3], fill=colour)
                 if len(ys) > 1:
                     draw.text((W - pad - legend + 6, top + pad + 14 * k), label, fill=colour, font=font)
-            ticks = x if len(x) <= 16 else [x[0], x[-1]]
+            ticks = ticks if ticks is not None else x if len(x) <= 16 else [x[0], x[-1]]
             for a, b in zip(fx(ticks), ticks):
-                draw.text((px(a) - 6, top + H - pad + 6), f"{b:g}", fill="black", font=font)
+                draw.text((px(a) - 6, top + H - pad + 6), f"{b:.4g}", fill="black", font=font)
             for v in (lo, hi):
                 draw.text((4, py(v) - 6), f"{10 ** v if log_y else v:.3g}", fill="black", font=font)
     img.save(path)

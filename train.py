@@ -246,8 +246,10 @@ def plot_quality(rows, path):
     rows = [row for row in rows if row[-1]]
     if rows:
         columns = np.array([[float(v or "nan") for v in row] for row in rows]).T
-        save_plot(path, columns[3] / 60, {"reader accuracy on fixed noises vs minutes of training": {
-            f"{s} step{'s' * (s > 1)}": columns[-len(QUALITY_STEPS) + k] for k, s in enumerate(QUALITY_STEPS)}})
+        minutes = columns[3] / 60
+        save_plot(path, minutes, {"reader accuracy on fixed noises vs minutes of training": {
+            f"{s} step{'s' * (s > 1)}": columns[-len(QUALITY_STEPS) + k] for k, s in enumerate(QUALITY_STEPS)}},
+                  ticks=[m for m in range(0, int(minutes.max()) + 1, 5 if minutes.max() > 10 else 1)])
 
 
 if __name__ == "__main__":
