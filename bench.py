@@ -127,7 +127,7 @@ def make_train_step(model, optimizer, bootstrap_every, ctx, compile=False, ema_d
     student, teacher = (torch.compile(model), torch.compile(ema)) if compile else (model, ema)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     cfg = argparse.Namespace(objective=objective, **{**SETTINGS[objective], "bootstrap_every": bootstrap_every},
-                             denoise_steps=128, intervals="uniform", tangent="v", long_jump_rows=0, long_jump_steps=4,
+                             denoise_steps=128, intervals="uniform", tangent="v", long_jump_rows=0, long_jump_steps=8,
                              long_jump_start=0.3, long_jump_power=1.0)  # train.py's defaults
 
     def step(x1, y):
