@@ -222,7 +222,7 @@ def test_unconditional_train_sample_fid(tiny_run, monkeypatch, capsys):
     import runpy
     ckpt = tiny_run / "uncond" / "ckpt.pt"
     for script, *argv in [("train.py", "--data-dir", tiny_run / "data", "--out", tiny_run / "uncond", "--model",
-                           "DiT-T/4", "--batch", 4, "--max-steps", 3, "--sample-every", 3, "--unconditional"),
+                           "DiT-T/4", "--batch", 4, "--long-jump-rows", 1, "--max-steps", 3, "--sample-every", 3, "--unconditional"),
                           ("sample.py", "--ckpt", ckpt, "--steps", 1, 2, "--n", 2, "--out", tiny_run / "uncond")]:
         monkeypatch.setattr("sys.argv", [script, *map(str, argv)])
         runpy.run_path(os.path.join(os.path.dirname(fid.__file__), script), run_name="__main__")

@@ -34,11 +34,12 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # subproce
 
 
 def args(data, out, *extra, steps=8):
-    """A tiny run: DiT-T/4 on 16x16 faces, batch 8 (2 bootstrap rows), a checkpoint every 4 steps."""
+    """A tiny run: DiT-T/4 on 16x16 faces, batch 8 (2 bootstrap rows, 2 long jumps from 30% of the steps on), a
+    checkpoint every 4 steps."""
     return ["--data-dir", str(data), "--out", str(out), "--model", "DiT-T/4", "--batch", "8", "--lr", "1e-3",
             "--predict", "v", "--objective", "shortcut", "--time-scale", "1000",
-            "--ema-decay", "0.9", "--bootstrap-every", "4", "--max-steps", str(steps), "--log-every", "1",
-            "--sample-every", "4", *extra]
+            "--ema-decay", "0.9", "--bootstrap-every", "4", "--long-jump-rows", "2", "--max-steps", str(steps),
+            "--log-every", "1", "--sample-every", "4", *extra]
 
 
 def train_here(argv, monkeypatch):
@@ -315,6 +316,7 @@ def test_meanflow_run_saves_its_objective_and_time_scale(data, tmp_path, monkeyp
     train_here(args(data, tmp_path / "mf", "--objective", "meanflow", "--time-scale", "1", steps=4), monkeypatch)
     first = capsys.readouterr().out.splitlines()[0]
     assert first == ("DiT-T/4 (1.4M params), toyfaces recipe, --batch 8, --lr 0.001, --ema-decay 0.9, --predict v, "
+                     "--long-jump-rows 2, "
                      "--max-steps 4, --sample-every 4: 4 steps at batch 8, device cpu")  # the recipe's objective
     model, ckpt = load_checkpoint(tmp_path / "mf" / "ckpt.pt", "cpu")
     assert ckpt["args"]["objective"] == "meanflow" and model.t_embedder.scale == model.d_embedder.scale == 1
