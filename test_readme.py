@@ -8,7 +8,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Tiny versions of the same runs: fewer faces, a few training steps, fewer samples. Flags appended last win.
-OVERRIDES = {"prepare_data.py": ["--n", "600"], "train.py": ["--max-steps", "20", "--sample-every", "20", "--log-every", "5"],
+OVERRIDES = {"prepare_data.py": ["--n", "600"], "train.py": ["--max-steps", "20", "--sample-every", "20", "--log-every", "5", "--batch", "16"],
              "sample.py": ["--n", "8"]}
 
 
