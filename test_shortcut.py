@@ -7,6 +7,7 @@ Tests of the model, the sampler and the scripts end to end. CPU only, no downloa
 import csv
 import math
 import os
+import runpy
 import subprocess
 import sys
 
@@ -97,21 +98,30 @@ def run(*args, cwd):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """prepare a small toyfaces set -> train a tiny model for a few steps. Shared by the tests below."""
+    """prepare a small toyfaces set -> train a tiny model for a few steps, in this process on the CPU (no torch
+    import per script). Shared by the tests below."""
     root = tmp_path_factory.mktemp("run")
-    r = run(os.path.join(HERE, "prepare_data.py"), "--n", "512", "--out", "data", cwd=root)
-    assert r.returncode == 0, r.stderr
-    r = run(os.path.join(HERE, "train.py"), "--data-dir", "data", "--out", "out", "--model", "DiT-T/4", "--batch", "32",
-            "--lr", "2e-3", "--predict", "x", "--objective", "shortcut", "--time-scale", "1000", "--max-steps", "60", "--log-every", "5", "--sample-every", "30",
-            cwd=root)
-    assert r.returncode == 0, r.stderr
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        mp.chdir(root)
+        for argv in [["prepare_data.py", "--n", "512", "--out", "data"],
+                     ["train.py", "--data-dir", "data", "--out", "out", "--model", "DiT-T/4", "--batch", "32", "--lr", "2e-3",
+                      "--predict", "x", "--objective", "shortcut", "--time-scale", "1000", "--max-steps", "60",
+                      "--log-every", "5", "--sample-every", "30", "--quality-n", "4"]]:
+            mp.setattr(sys, "argv", argv)
+            runpy.run_path(os.path.join(HERE, argv[0]), run_name="__main__")
     return root
 
 
 def test_train_loss_falls_and_writes_grid_and_checkpoint(trained):
     with open(trained / "out" / "log.csv") as f:
-        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    losses = [float(row["loss"]) for row in rows]
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    # the reader's accuracy at 1, 2 and 4 steps on 4 x 6 fixed noises, at each checkpoint only, and its plot
+    checked = [row["step"] for row in rows if row["accuracy_1step"]]
+    assert checked == ["30", "60"] and all(0 <= float(rows[-1][f"accuracy_{s}step"]) <= 1 for s in (1, 2, 4))
+    assert (trained / "out" / "quality.png").exists()
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:2]) / 2
     assert (trained / "out" / "grid_000030.png").exists() and (trained / "out" / "grid_000060.png").exists()
     ckpt = torch.load(trained / "out" / "ckpt.pt", weights_only=True)

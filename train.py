@@ -59,9 +59,9 @@ LOG_HEADER = (["step", "loss", "img_per_s", "elapsed_s"] + [f"loss_d{d}" for d i
               + [f"accuracy_{s}step" for s in QUALITY_STEPS])
 
 
-def quality(ema, y, meta, model_d, n=32):
-    """toyfaces: the fraction of samples the attribute reader finds showing their prompt, at QUALITY_STEPS steps,
-    on a fixed set of noises (n seeds of each grid prompt), so checkpoints and runs compare by looking."""
+def quality(ema, y, meta, model_d, n):
+    """toyfaces: the fraction of samples the reader finds showing their prompt at QUALITY_STEPS steps, on fixed
+    noises (n of each grid prompt, --quality-n), so checkpoints and runs compare by looking."""
     images = steps_grid(lambda noise, y, steps: sample(ema, noise, y, steps, model_d=model_d), y, QUALITY_STEPS,
                         meta, n=n, seed=1234)                                                 # (P, n, S, 3, H, W)
     pixels = (images * 255).round().byte().permute(0, 1, 2, 4, 5, 3).cpu().numpy()
@@ -119,6 +119,7 @@ def parse_args():
     parser.add_argument("--max-steps", type=positive_int)
     parser.add_argument("--log-every", type=positive_int, default=50)
     parser.add_argument("--sample-every", type=positive_int, help="checkpoint and grid PNG every N steps")
+    parser.add_argument("--quality-n", type=int, default=32, help="toyfaces: the reader checks N samples per prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue --out/ckpt.pt where it stopped")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model and its EMA teacher")
@@ -263,8 +264,8 @@ if __name__ == "__main__":
         parser.error(f"need 0 < --x-floor <= 1, got {args.x_floor}")
     if args.d_embedding == "level" and args.objective in ADAPTIVE:
         parser.error(f"--d-embedding level needs d > 0: not with --objective {args.objective}, whose flow rows have d = 0")
-    if not 0 <= args.long_jump_rows < args.batch:
-        parser.error(f"need 0 <= --long-jump-rows < --batch, got {args.long_jump_rows}")
+    if not (0 <= args.long_jump_rows < args.batch and args.quality_n >= 0):
+        parser.error(f"need 0 <= --long-jump-rows < --batch and --quality-n >= 0, got {args.long_jump_rows}, {args.quality_n}")
     if args.batch > meta["num_images"]:
         parser.error(f"--batch {args.batch} is larger than the data set ({meta['num_images']} images in {args.data_dir})")
     ddp, rank, world_size, local_rank, device = setup_ddp()
@@ -293,8 +294,7 @@ if __name__ == "__main__":
                 d_embedding=args.d_embedding).to(device)
     model.y_embedder.set_feature_stats(torch.from_numpy(features).to(device))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  betas=(0.9, 0.999), fused=device != "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=device != "cpu")
     # DDP averages the gradients of all ranks in backward, so every rank takes the same step and the EMA stays
     # identical everywhere; no buffer changes in training, so none is broadcast. DDP first, then torch.compile:
     # the compiled graph is split at DDP's gradient buckets, so their all-reduce overlaps the rest of backward. The
@@ -385,8 +385,8 @@ if __name__ == "__main__":
             means, counts = (level_sum / level_n.clamp(min=1)).tolist(), level_n.tolist()
             levels = [f"{x:.5f}" if n else "" for x, n in zip(means, counts)]  # "": no row of that level
             acc = [""] * len(QUALITY_STEPS)
-            if checkpoint_next and meta["dataset"] == "toyfaces" and not args.unconditional:
-                acc = [f"{a:.4f}" for a in quality(ema, grid_y, meta, model_d)]
+            if checkpoint_next and meta["dataset"] == "toyfaces" and not args.unconditional and args.quality_n > 0:
+                acc = [f"{a:.4f}" for a in quality(ema, grid_y, meta, model_d, args.quality_n)]
             log_rows.append([step + 1, f"{loss.item():.5f}", f"{img_s:.1f}", f"{now - t_start:.1f}", *levels, *acc])
             writer.writerow(log_rows[-1])
             log.flush()
