@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import to_images
 from inception import FIDInceptionV3, compute_stats, frechet_distance, inception_features
 from model import DiT, DiT_models, autocast
-from objectives import SETTINGS, training_loss
+from objectives import ADAPTIVE, DEFAULTS, SETTINGS, interval_times, shortcut_times, training_loss
 from sample import sample
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)  # stabilityai/sd-vae-ft-mse's config
@@ -98,10 +98,10 @@ def train_flops_per_image(model, batch, bootstrap_every, objective="shortcut"):
     B / bootstrap_every bootstrap rows; MeanFlow, one JVP on the interval rows, which PyTorch counts as 3 forwards
     (the primal, and the tangent through every product of two varying factors twice); its primal is a forward the
     student repeats, so 1 of those 3 does no new work; alpha-Flow, two no-grad forwards on the interval rows."""
-    if objective in ("meanflow", "alphaflow"):  # as objectives.interval_times at the objective's flow fraction
-        n_big = batch - round(SETTINGS[objective]["flow_fraction"] * batch)
+    if objective in ADAPTIVE:  # the rows objectives.training_loss draws
+        n_big = interval_times(batch, SETTINGS[objective]["flow_fraction"])[2]
         return model.flops_per_image() * (3 + (3 if objective == "meanflow" else 2) * n_big / batch)
-    n_boot = min(max(batch // bootstrap_every, 1), batch - 1) if objective == "shortcut" else 0  # as shortcut_times
+    n_boot = shortcut_times(batch, bootstrap_every if objective == "shortcut" else 0)[2]
     return model.flops_per_image() * (3 + 2 * n_boot / batch)
 
 
@@ -126,9 +126,8 @@ def make_train_step(model, optimizer, bootstrap_every, ctx, compile=False, ema_d
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     student, teacher = (torch.compile(model), torch.compile(ema)) if compile else (model, ema)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    cfg = argparse.Namespace(objective=objective, **{**SETTINGS[objective], "bootstrap_every": bootstrap_every},
-                             denoise_steps=128, intervals="uniform", tangent="v", long_jump_rows=0, long_jump_steps=8,
-                             long_jump_start=0.3, long_jump_power=1.0)  # train.py's defaults
+    cfg = argparse.Namespace(objective=objective, long_jump_rows=0,
+                             **{**DEFAULTS, **SETTINGS[objective], "bootstrap_every": bootstrap_every})
 
     def step(x1, y):
         with ctx:

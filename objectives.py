@@ -39,6 +39,9 @@ SETTINGS = {
     "meanflow": dict(time_scale=1.0, x_floor=0.02, flow_fraction=0.75),
     "alphaflow": dict(time_scale=1.0, x_floor=0.02, flow_fraction=0.75),
 }
+# The objectives' options that no recipe sets: train.py's flags default to these, bench.py times them.
+DEFAULTS = dict(denoise_steps=128, intervals="uniform", tangent="v", long_jump_steps=8, long_jump_start=0.3,
+                long_jump_power=1.0)
 OBJECTIVES = list(SETTINGS)
 ADAPTIVE = ("meanflow", "alphaflow")  # their targets hold the model's own derivatives: weigh rows adaptively
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 import toyfaces
 from data import encode_text, load_data, load_vae, one_line_errors, save_grid, save_plot, steps_grid
 from model import AMP, DiT, DiT_models, autocast, read_checkpoint
-from objectives import ADAPTIVE, OBJECTIVES, SETTINGS, told_step, training_loss
+from objectives import ADAPTIVE, DEFAULTS, OBJECTIVES, SETTINGS, told_step, training_loss
 from sample import sample
 
 # What `python train.py` trains, by the data set it finds: the data's model, budget and objective (whose own
@@ -97,22 +97,21 @@ def parse_args():
     parser.add_argument("--ema-decay", type=float)
     parser.add_argument("--objective", choices=OBJECTIVES, help="how the big steps learn (objectives.py)")
     parser.add_argument("--flow-fraction", type=float, help="meanflow, alphaflow: the fraction of rows with d = 0")
-    parser.add_argument("--intervals", choices=["uniform", "dyadic"], default="uniform",
+    parser.add_argument("--intervals", choices=["uniform", "dyadic"],
                         help="meanflow, alphaflow: train every interval, or only the steps of a 1, 2, 4 ... step sampler")
-    parser.add_argument("--tangent", choices=["v", "model"], default="v",
+    parser.add_argument("--tangent", choices=["v", "model"],
                         help="meanflow: the JVP's x-tangent, the data's v or the model's own (improved MeanFlow)")
     parser.add_argument("--x-floor", type=float, help="--predict x: the floor on 1 - t (default: the objective's)")
     parser.add_argument("--time-scale", type=float, help="t and d x this before their embedding (1000 or 1)")
     parser.add_argument("--d-embedding", choices=["value", "level"], default="value",
                         help="d enters its embedding as its value x --time-scale (ours) or its level log2(1/d) (official)")
-    parser.add_argument("--long-jump-rows", type=int,
-                        help="rows per batch at t = 0, d = 1 that learn the EMA's --long-jump-steps sample (0 = none)")
-    parser.add_argument("--long-jump-steps", type=positive_int, default=8, help="K, the teacher's steps for a long jump")
-    parser.add_argument("--long-jump-start", type=float, default=0.3, help="long jumps from this fraction of max-steps")
-    parser.add_argument("--long-jump-power", type=float, default=1.0,
+    parser.add_argument("--long-jump-rows", type=int, help="rows per batch at t = 0, d = 1 learning the EMA's K-step sample")
+    parser.add_argument("--long-jump-steps", type=positive_int, help="K, the teacher's steps for a long jump")
+    parser.add_argument("--long-jump-start", type=float, help="long jumps from this fraction of max-steps")
+    parser.add_argument("--long-jump-power", type=float,
                         help="meanflow, alphaflow: the adaptive weight's power p on the long-jump rows")
     parser.add_argument("--bootstrap-every", type=positive_int, help="shortcut: 1/N of each batch is self-consistency")
-    parser.add_argument("--denoise-steps", type=int, default=128, help="smallest step 1/M; sampling allows up to M steps")
+    parser.add_argument("--denoise-steps", type=int, help="smallest step 1/M; sampling allows up to M steps")
     parser.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of captions replaced by the null one")
     parser.add_argument("--unconditional", action="store_true",
                         help="every row gets the null caption: no text (the paper's CelebA-HQ run has no labels)")
@@ -125,6 +124,7 @@ def parse_args():
     parser.add_argument("--compile", action="store_true", help="torch.compile the model and its EMA teacher")
     parser.add_argument("--amp", choices=AMP, default="auto", help="auto: bf16 autocast on CUDA, fp32 on a CPU")
     one_line_errors(parser)
+    parser.set_defaults(**DEFAULTS)  # the objectives' options no recipe sets (objectives.DEFAULTS)
     args = parser.parse_args()
     if args.data_dir is None:
         args.data_dir = "data/celebahq" if os.path.exists("data/celebahq/meta.json") else "data/toyfaces"
@@ -265,7 +265,7 @@ if __name__ == "__main__":
     if args.d_embedding == "level" and args.objective in ADAPTIVE:
         parser.error(f"--d-embedding level needs d > 0: not with --objective {args.objective}, whose flow rows have d = 0")
     if not (0 <= args.long_jump_rows < args.batch and args.quality_n >= 0):
-        parser.error(f"need 0 <= --long-jump-rows < --batch and --quality-n >= 0, got {args.long_jump_rows}, {args.quality_n}")
+        parser.error(f"need 0 <= --long-jump-rows < --batch, --quality-n >= 0: {args.long_jump_rows}, {args.quality_n}")
     if args.batch > meta["num_images"]:
         parser.error(f"--batch {args.batch} is larger than the data set ({meta['num_images']} images in {args.data_dir})")
     ddp, rank, world_size, local_rank, device = setup_ddp()
