@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import to_images
 from inception import FIDInceptionV3, compute_stats, frechet_distance, inception_features
 from model import DiT, DiT_models, autocast
-from objectives import ADAPTIVE, DEFAULTS, SETTINGS, interval_times, shortcut_times, training_loss
+from objectives import ADAPTIVE, DEFAULTS, SETTINGS, bootstrap_rows, interval_rows, training_loss
 from sample import sample
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)  # stabilityai/sd-vae-ft-mse's config
@@ -98,10 +98,10 @@ def train_flops_per_image(model, batch, bootstrap_every, objective="shortcut"):
     B / bootstrap_every bootstrap rows; MeanFlow, one JVP on the interval rows, which PyTorch counts as 3 forwards
     (the primal, and the tangent through every product of two varying factors twice); its primal is a forward the
     student repeats, so 1 of those 3 does no new work; alpha-Flow, two no-grad forwards on the interval rows."""
-    if objective in ADAPTIVE:  # the rows objectives.training_loss draws
-        n_big = interval_times(batch, SETTINGS[objective]["flow_fraction"])[2]
+    if objective in ADAPTIVE:  # as many rows as objectives.training_loss draws
+        n_big = interval_rows(batch, SETTINGS[objective]["flow_fraction"])
         return model.flops_per_image() * (3 + (3 if objective == "meanflow" else 2) * n_big / batch)
-    n_boot = shortcut_times(batch, bootstrap_every if objective == "shortcut" else 0)[2]
+    n_boot = bootstrap_rows(batch, bootstrap_every if objective == "shortcut" else 0)
     return model.flops_per_image() * (3 + 2 * n_boot / batch)
 
 

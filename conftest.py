@@ -1,9 +1,26 @@
 """Fixtures shared by the tests: TF32 flags restored after every test, the CPU path on purpose (cpu_only), and
-the tiny models of test_celebahq.py and test_reproduce.py, made once per test session."""
+the tiny models of test_celebahq.py and test_reproduce.py, made once per test session; and run_script, a script's
+command line run in the test's own process."""
+import os
+import runpy
+import sys
+
 import pytest
 import torch
 
 import toyfaces
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_script(name, *args):
+    """python name args, in this process: no second torch import per command (seconds, not tens of seconds)."""
+    argv = sys.argv
+    sys.argv = [name, *map(str, args)]
+    try:
+        runpy.run_path(os.path.join(HERE, name), run_name="__main__")
+    finally:
+        sys.argv = argv
 
 
 @pytest.fixture(autouse=True)

@@ -72,11 +72,22 @@ def dyadic_steps(n, num_levels=7, device="cpu"):
     return torch.floor(torch.rand(n, device=device) * 2 ** k) * d, d
 
 
+def bootstrap_rows(B, bootstrap_every):
+    """How many of B rows shortcut_times makes big steps: B / bootstrap_every, at least one and one flow row left;
+    none for bootstrap_every = 0 (flow matching)."""
+    return 0 if bootstrap_every == 0 else min(max(B // bootstrap_every, 1), B - 1)
+
+
+def interval_rows(B, flow_fraction):
+    """How many of B rows interval_times makes intervals: the 1 - flow_fraction that are not flow rows."""
+    return B - round(flow_fraction * B)
+
+
 def shortcut_times(B, bootstrap_every=8, denoise_steps=128, device="cpu"):
     """The shortcut paper's p(t, d): B / bootstrap_every rows at the levels d = 1, 1/2 ... 1/64 (dyadic_steps), the
     rest flow rows at the smallest step d = 1/denoise_steps with t on its grid. bootstrap_every = 0: flow rows only
     (flow matching). -> (t, d, n_big)"""
-    n_big = 0 if bootstrap_every == 0 else min(max(B // bootstrap_every, 1), B - 1)
+    n_big = bootstrap_rows(B, bootstrap_every)
     t_big, d_big = dyadic_steps(n_big, int(math.log2(denoise_steps)), device)  # 7 levels for 128 steps
     t_flow = torch.randint(denoise_steps, (B - n_big,), device=device) / denoise_steps
     d_flow = torch.full((B - n_big,), 1 / denoise_steps, device=device)
@@ -88,7 +99,7 @@ def interval_times(B, flow_fraction=0.75, intervals="uniform", device="cpu"):
     t ~ U[0, 1] on its own (the smaller of two draws would starve t near 1, the last, detail-drawing steps of a
     many-step sample). intervals="uniform": from two uniform times, every interval equally likely (MeanFlow);
     "dyadic": only the steps a 1, 2, 4 ... 64-step sampler takes (dyadic_steps). -> (t, d, n_big)"""
-    n_big = B - round(flow_fraction * B)
+    n_big = interval_rows(B, flow_fraction)
     if intervals == "dyadic":
         t_big, d_big = dyadic_steps(n_big, device=device)
     else:

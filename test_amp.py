@@ -12,13 +12,13 @@ runs of .ci/gpu 1 and 2, the two commands that check a GPU machine end to end.
 
 import json
 import os
-import runpy
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import run_script
 from model import DiT, DiT_models, autocast, load_checkpoint
 from objectives import alpha_flow, interval_times, meanflow
 from sample import sample
@@ -166,14 +166,12 @@ def test_cuda_bf16_is_the_cpu_bf16_path():
     assert ((gpu_target.cpu() - cpu_target).norm() / cpu_target.norm()).item() < 1e-2
 
 
-def test_sample_cli_in_bf16(trained, tmp_path, monkeypatch, capsys):
+def test_sample_cli_in_bf16(trained, tmp_path, capsys):
     """sample.py --amp bf16 on a bf16 run's checkpoint: the EMA loads and 1 and 4 steps draw images."""
     ckpt = trained("shortcut", "bf16") / "ckpt.pt"
     model, _ = load_checkpoint(str(ckpt), "cpu")
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    monkeypatch.setattr("sys.argv", ["sample.py", "--ckpt", str(ckpt), "--steps", "1", "4", "--n", "4",
-                                     "--amp", "bf16", "--out", str(tmp_path)])
-    runpy.run_path(os.path.join(HERE, "sample.py"), run_name="__main__")
+    run_script("sample.py", "--ckpt", ckpt, "--steps", 1, 4, "--n", 4, "--amp", "bf16", "--out", tmp_path)
     out = capsys.readouterr().out
     assert "wrote" in out and " 4 steps: attribute reader agrees on" in out, out
 

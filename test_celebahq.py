@@ -5,8 +5,6 @@ SD-VAE and CLIP (conftest.py); 64x64 images give 8x8 latents.    python -m pytes
 import json
 import os
 import re
-import runpy
-import sys
 import time
 
 import numpy as np
@@ -16,6 +14,7 @@ from PIL import Image
 
 import data as dt
 import prepare_data as pd
+from conftest import run_script
 
 pytestmark = pytest.mark.usefixtures("cpu_only")  # the CPU path on purpose, on a GPU machine too (conftest.py)
 
@@ -213,16 +212,6 @@ def test_unreachable_hub_name_fails_fast(models, tmp_path, monkeypatch, offline)
     assert str(e.value.code) == f"error: cannot load VAE '{name}' (offline?): pass --vae /path/to/local/vae"
     assert time.time() - t < 10
     assert not (tmp_path / "out").exists()  # failed before writing anything
-
-
-def run_script(name, *args):
-    """Run train.py / sample.py in this process (no second torch import: seconds, not tens of seconds)."""
-    argv = sys.argv
-    sys.argv = [name, *args]
-    try:
-        runpy.run_path(os.path.join(HERE, name), run_name="__main__")
-    finally:
-        sys.argv = argv
 
 
 def test_train_and_sample_decode_latents(models, tmp_path, monkeypatch, capsys):

@@ -1,6 +1,5 @@
 """Tests for fid.py (CPU, no downloads):  python -m pytest -q test_fid.py"""
 
-import os
 import urllib.error
 
 import numpy as np
@@ -8,8 +7,8 @@ import pytest
 import torch
 import torchvision
 
-import fid
 import inception as fidnet
+from conftest import run_script
 
 pytestmark = pytest.mark.usefixtures("cpu_only")  # the CPU path on purpose, on a GPU machine too (conftest.py)
 
@@ -176,15 +175,9 @@ def tiny_run(tmp_path_factory):
     return root
 
 
-def run_cli(monkeypatch, *argv):
-    import runpy
-    monkeypatch.setattr("sys.argv", ["fid.py", *map(str, argv)])
-    runpy.run_path(fid.__file__, run_name="__main__")
-
-
-def test_cli_table_csv_plot_and_cached_reference(tiny_run, monkeypatch, capsys):
+def test_cli_table_csv_plot_and_cached_reference(tiny_run, capsys):
     # one step count only: each FID is a 2048-d eigensolve (a few seconds here)
-    run_cli(monkeypatch, "--ckpt", tiny_run / "ckpt.pt", "--steps", 2, "--n", 3, "--batch", 2,
+    run_script("fid.py", "--ckpt", tiny_run / "ckpt.pt", "--steps", 2, "--n", 3, "--batch", 2,
             "--inception", tiny_run / "inception.pth", "--out", tiny_run / "res")
     out = capsys.readouterr().out
     assert "N = 3 samples per row" in out and "FID" in out and "accuracy" in out and "(ema weights)" in out
@@ -205,7 +198,7 @@ def test_cli_without_inception_weights_still_gives_accuracy(tiny_run, monkeypatc
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tiny_run / "hub"))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    run_cli(monkeypatch, "--ckpt", tiny_run / "ckpt.pt", "--steps", 1, 4, "--n", 3, "--batch", 3,
+    run_script("fid.py", "--ckpt", tiny_run / "ckpt.pt", "--steps", 1, 4, "--n", 3, "--batch", 3,
             "--out", tiny_run / "res2")
     out = capsys.readouterr().out
     assert sum("FID skipped" in line for line in out.splitlines()) == 1 and "--inception" in out
@@ -216,16 +209,14 @@ def test_cli_without_inception_weights_still_gives_accuracy(tiny_run, monkeypatc
     assert [r[:5] for r in (tiny_run / "res2" / "fid.csv").read_text().split()[1:]] == ["1,3,,", "4,3,,"]
 
 
-def test_unconditional_train_sample_fid(tiny_run, monkeypatch, capsys):
+def test_unconditional_train_sample_fid(tiny_run, capsys):
     """The paper's CelebA-HQ setting on toyfaces: train.py --unconditional -> sample.py without a prompt -> fid.py with
     the null caption and the online weights."""
-    import runpy
     ckpt = tiny_run / "uncond" / "ckpt.pt"
     for script, *argv in [("train.py", "--data-dir", tiny_run / "data", "--out", tiny_run / "uncond", "--model",
                            "DiT-T/4", "--batch", 4, "--long-jump-rows", 1, "--max-steps", 3, "--sample-every", 3, "--unconditional"),
                           ("sample.py", "--ckpt", ckpt, "--steps", 1, 2, "--n", 2, "--out", tiny_run / "uncond")]:
-        monkeypatch.setattr("sys.argv", [script, *map(str, argv)])
-        runpy.run_path(os.path.join(os.path.dirname(fid.__file__), script), run_name="__main__")
+        run_script(script, *argv)
     saved = torch.load(ckpt, weights_only=True)
     # adaLN-Zero: c gets a gradient from the third step on; the learned null caption is then all the text there is
     assert saved["args"]["unconditional"] and not torch.equal(saved["model"]["y_embedder.null"],
@@ -234,11 +225,10 @@ def test_unconditional_train_sample_fid(tiny_run, monkeypatch, capsys):
     assert "wrote " + str(tiny_run / "uncond" / "unconditional_steps1-2_seed0.png") in out
     assert "'unconditional'   1 step : attribute reader finds a clean face in" in out
 
-    monkeypatch.setattr("sys.argv", ["sample.py", "--ckpt", str(ckpt), "--prompt", "a man"])
     with pytest.raises(SystemExit, match="is unconditional .* takes no --prompt"):
-        runpy.run_path(os.path.join(os.path.dirname(fid.__file__), "sample.py"), run_name="__main__")
+        run_script("sample.py", "--ckpt", ckpt, "--prompt", "a man")
 
-    run_cli(monkeypatch, "--ckpt", ckpt, "--steps", 1, "--n", 3, "--batch", 3, "--weights", "online",
+    run_script("fid.py", "--ckpt", ckpt, "--steps", 1, "--n", 3, "--batch", 3, "--weights", "online",
             "--inception", tiny_run / "inception.pth", "--out", tiny_run / "res3")
     out = capsys.readouterr().out
     assert "N = 3 samples per row, unconditional" in out and "(online weights)" in out

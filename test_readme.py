@@ -2,9 +2,9 @@
 the lines its expected output shows, numbers aside. python -m pytest -q test_readme.py (about 15 s)"""
 import os
 import re
-import runpy
 import shlex
-import sys
+
+from conftest import run_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Tiny versions of the same runs: fewer faces, a few training steps, fewer samples. Flags appended last win.
@@ -39,8 +39,7 @@ def test_quickstart_commands_run_as_printed(tmp_path, monkeypatch, capsys, cpu_o
     for command in commands[1:]:  # in this process, as `python script.py args` runs it: no torch import per command
         argv = shlex.split(command)
         assert argv[0] == "python" and argv[1] in OVERRIDES, command
-        monkeypatch.setattr(sys, "argv", [argv[1], *argv[2:], *OVERRIDES[argv[1]]])
-        runpy.run_path(os.path.join(HERE, argv[1]), run_name="__main__")
+        run_script(argv[1], *argv[2:], *OVERRIDES[argv[1]])
     stdout = capsys.readouterr().out
     printed = stdout.splitlines()
     for line in expected:

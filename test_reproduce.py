@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_celebahq import HERE, N, make_source, run_script
+from conftest import run_script
+from test_celebahq import HERE, N, make_source
 
 pytestmark = pytest.mark.usefixtures("cpu_only")  # the CPU path on purpose, on a GPU machine too (conftest.py)
 

@@ -7,13 +7,13 @@ Tests of the model, the sampler and the scripts end to end. CPU only, no downloa
 import csv
 import math
 import os
-import runpy
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import run_script
 from model import DiT, DiT_models
 from model import load_checkpoint
 from sample import parse_args, sample
@@ -108,8 +108,7 @@ def trained(tmp_path_factory):
                      ["train.py", "--data-dir", "data", "--out", "out", "--model", "DiT-T/4", "--batch", "32", "--lr", "2e-3",
                       "--predict", "x", "--objective", "shortcut", "--time-scale", "1000", "--max-steps", "60",
                       "--log-every", "5", "--sample-every", "30", "--quality-n", "4"]]:
-            mp.setattr(sys, "argv", argv)
-            runpy.run_path(os.path.join(HERE, argv[0]), run_name="__main__")
+            run_script(*argv)
     return root
 
 

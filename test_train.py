@@ -10,7 +10,6 @@ Most runs are in-process (runpy) to skip Python start-up; the kill and the DDP r
 import argparse
 import csv
 import os
-import runpy
 import shutil
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_script
 from prepare_data import prepare_toyfaces
 from model import load_checkpoint
 from objectives import SETTINGS, told_step
@@ -45,8 +45,7 @@ def args(data, out, *extra, steps=8):
 def train_here(argv, monkeypatch):
     """python train.py argv, in this process, on the CPU whatever the machine has (bit-for-bit comparisons)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
-    runpy.run_path(TRAIN, run_name="__main__")
+    run_script("train.py", *argv)
 
 
 def error_line(argv, monkeypatch, capsys):

@@ -77,9 +77,9 @@ def level_of(d):
 # -----------------------------------------------------------------------------
 # plumbing: the command line and its recipe, devices, checkpoints, the log
 
-def positive_int(s):
-    if not s.isdigit() or int(s) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {s!r}")
+def whole_number(s, least=1):
+    if not s.isdigit() or int(s) < least:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= {least}, got {s!r}")
     return int(s)
 
 
@@ -89,7 +89,7 @@ def parse_args():
     parser.add_argument("--data-dir", default=None, help="default: data/celebahq once prepared, else data/toyfaces")
     parser.add_argument("--out", default="out")
     parser.add_argument("--model", choices=list(DiT_models))
-    parser.add_argument("--batch", type=positive_int, help="global batch, split across DDP processes")
+    parser.add_argument("--batch", type=whole_number, help="global batch, split across DDP processes")
     parser.add_argument("--predict", choices=["v", "x"], help="the network outputs v (the paper) or x1 (pixels)")
     parser.add_argument("--lr", type=float)
     parser.add_argument("--lr-schedule", choices=["constant", "cosine"], help="cosine: decay to 0 at --max-steps")
@@ -106,19 +106,20 @@ def parse_args():
     parser.add_argument("--d-embedding", choices=["value", "level"], default="value",
                         help="d enters its embedding as its value x --time-scale (ours) or its level log2(1/d) (official)")
     parser.add_argument("--long-jump-rows", type=int, help="rows per batch at t = 0, d = 1 learning the EMA's K-step sample")
-    parser.add_argument("--long-jump-steps", type=positive_int, help="K, the teacher's steps for a long jump")
+    parser.add_argument("--long-jump-steps", type=whole_number, help="K, the teacher's steps for a long jump")
     parser.add_argument("--long-jump-start", type=float, help="long jumps from this fraction of max-steps")
     parser.add_argument("--long-jump-power", type=float,
                         help="meanflow, alphaflow: the adaptive weight's power p on the long-jump rows")
-    parser.add_argument("--bootstrap-every", type=positive_int, help="shortcut: 1/N of each batch is self-consistency")
+    parser.add_argument("--bootstrap-every", type=whole_number, help="shortcut: 1/N of each batch is self-consistency")
     parser.add_argument("--denoise-steps", type=int, help="smallest step 1/M; sampling allows up to M steps")
     parser.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of captions replaced by the null one")
     parser.add_argument("--unconditional", action="store_true",
                         help="every row gets the null caption: no text (the paper's CelebA-HQ run has no labels)")
-    parser.add_argument("--max-steps", type=positive_int)
-    parser.add_argument("--log-every", type=positive_int, default=50)
-    parser.add_argument("--sample-every", type=positive_int, help="checkpoint and grid PNG every N steps")
-    parser.add_argument("--quality-n", type=int, default=32, help="toyfaces: the reader checks N samples per prompt")
+    parser.add_argument("--max-steps", type=whole_number)
+    parser.add_argument("--log-every", type=whole_number, default=50)
+    parser.add_argument("--sample-every", type=whole_number, help="checkpoint and grid PNG every N steps")
+    parser.add_argument("--quality-n", type=lambda s: whole_number(s, 0), default=32,
+                        help="toyfaces: the reader checks N samples of each grid prompt per checkpoint (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue --out/ckpt.pt where it stopped")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model and its EMA teacher")
@@ -264,8 +265,8 @@ if __name__ == "__main__":
         parser.error(f"need 0 < --x-floor <= 1, got {args.x_floor}")
     if args.d_embedding == "level" and args.objective in ADAPTIVE:
         parser.error(f"--d-embedding level needs d > 0: not with --objective {args.objective}, whose flow rows have d = 0")
-    if not (0 <= args.long_jump_rows < args.batch and args.quality_n >= 0):
-        parser.error(f"need 0 <= --long-jump-rows < --batch, --quality-n >= 0: {args.long_jump_rows}, {args.quality_n}")
+    if not 0 <= args.long_jump_rows < args.batch:
+        parser.error(f"need 0 <= --long-jump-rows < --batch, got {args.long_jump_rows}")
     if args.batch > meta["num_images"]:
         parser.error(f"--batch {args.batch} is larger than the data set ({meta['num_images']} images in {args.data_dir})")
     ddp, rank, world_size, local_rank, device = setup_ddp()
